@@ -1,0 +1,47 @@
+"""Config helpers: where ``conf/`` lives, the custom OmegaConf resolvers, and composing outside ``@hydra.main``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _window(fixed_age, jitter, default, sign: int) -> int:
+    """Contrastive window edge: F ± max(2, J) when an age is fixed, else the given default."""
+    if fixed_age is None or fixed_age == "None":
+        return int(default)
+    return int(fixed_age) + sign * max(2, int(jitter or 0))
+
+
+def register_resolvers() -> None:
+    """``${window_lo:F,J,default}`` / ``${window_hi:F,J,default}`` (idempotent)."""
+    if not OmegaConf.has_resolver("window_lo"):
+        OmegaConf.register_new_resolver("window_lo", lambda f, j, d: _window(f, j, d, -1))
+    if not OmegaConf.has_resolver("window_hi"):
+        OmegaConf.register_new_resolver("window_hi", lambda f, j, d: _window(f, j, d, +1))
+
+
+def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None,
+                   config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides, as ``python -m agingnet.train`` would, and pin
+    ``paths.output_dir`` (which otherwise comes from the Hydra runtime) to ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        if output_dir is not None:
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.log_dir = str(Path(output_dir).parent)
+        cfg.paths.work_dir = str(Path.cwd())
+        del cfg["hydra"]
+    return cfg

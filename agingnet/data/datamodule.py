@@ -1,0 +1,129 @@
+"""Lightning data module over already-built datasets (Hydra instantiates them from nested ``_target_``s).
+
+Batches are dicts ``{"image": [B,3,S,S] float32 in [-1,1], "age": [B] float32 years (NaN = unknown),
+"path": list[str], "index": [B] int64}``. Training shuffles with a seeded generator (so a run's order is
+reproducible) and drops the last partial batch by default; validation never shuffles and never flips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+__all__ = ["AgingDataModule", "collate_faces"]
+
+
+def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` with ``age`` as float32 (Python floats would collate to float64)."""
+    batch = default_collate(items)
+    batch["age"] = batch["age"].to(torch.float32)
+    return batch
+
+
+def _unaugmented(ds: Dataset, role: str) -> Dataset:
+    fn = getattr(ds, "without_augmentation", None)
+    if fn is None:
+        raise ValueError(
+            f"{role} dataset {type(ds).__name__} has no without_augmentation(); use an agingnet "
+            f"dataset (PersonalFolderDataset, FFHQFolderDataset, SyntheticFaces)"
+        )
+    return fn()
+
+
+class AgingDataModule(L.LightningDataModule):
+    """Train/val loaders for the aging recipes (SPEC §3, flags ``--batch_size``/``--workers``).
+
+    Args:
+        train, val: built datasets (either may be ``None`` when that stage is not run).
+        batch_size: training batch size B; ``val_batch_size`` defaults to it.
+        num_workers, pin_memory, persistent_workers: DataLoader options (persistence needs workers > 0).
+        drop_last: drop the last partial training batch.
+        seed: seed of the shuffling generator; ``None`` derives it from ``torch.initial_seed()`` (which
+            ``seed_everything`` sets) when the loader is built.
+    """
+
+    def __init__(
+        self,
+        train: Dataset | None = None,
+        val: Dataset | None = None,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        drop_last: bool = True,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        for name, v in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if v is not None and (isinstance(v, bool) or int(v) != v or v < 1):
+                raise ValueError(f"AgingDataModule: {name} must be a positive integer, got {v!r}")
+        if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
+            raise ValueError(f"AgingDataModule: num_workers must be an integer >= 0, got {num_workers!r}")
+        self.train_set, self.val_set = train, val
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size) if val_batch_size is not None else self.batch_size
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.drop_last, self.seed = bool(drop_last), seed
+
+    def _loader(
+        self,
+        ds: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        generator: torch.Generator | None = None,
+    ) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_faces,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded generator), ``drop_last`` as configured, training augmentation of the dataset."""
+        if self.train_set is None:
+            raise ValueError("AgingDataModule: no train dataset configured (data.train)")
+        n = len(self.train_set)  # type: ignore[arg-type]
+        if self.drop_last and n < self.batch_size:
+            raise ValueError(
+                f"AgingDataModule: train dataset has {n} images, fewer than batch_size="
+                f"{self.batch_size} with drop_last=True (no batch would be produced)"
+            )
+        seed = self.seed if self.seed is not None else torch.initial_seed()
+        gen = torch.Generator().manual_seed(int(seed) % 2**63)
+        return self._loader(self.train_set, self.batch_size, True, self.drop_last, gen)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Fixed order, no flips, every sample kept; an empty list when no val dataset is configured."""
+        if self.val_set is None:
+            return []
+        return self._loader(_unaugmented(self.val_set, "val"), self.val_batch_size, False, False)
+
+    def personal_bank_dataset(self) -> Dataset:
+        """The training images without augmentation (same files, ``train=False``), for the NN-ID bank."""
+        if self.train_set is None:
+            raise ValueError("AgingDataModule: personal_bank_dataset needs a train dataset (data.train)")
+        return _unaugmented(self.train_set, "train")
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the train set's content key: file paths, sizes, mtimes (synthetic: parameters)."""
+        if self.train_set is None:
+            raise ValueError("AgingDataModule: fingerprint needs a train dataset (data.train)")
+        fn = getattr(self.train_set, "fingerprint", None)
+        if fn is None:
+            raise ValueError(
+                f"train dataset {type(self.train_set).__name__} has no fingerprint(); use an agingnet dataset"
+            )
+        return hashlib.sha256(f"train:{fn()}".encode()).hexdigest()

@@ -1,0 +1,520 @@
+"""Impostor bank and the impostor miner of the contrastive identity term (SPEC §5).
+
+Bank file layout (``torch.save`` dict, loaded with ``weights_only=True``)::
+
+    {"bins": {"lo-hi": Tensor[N_bin, D]},   # L2-normalized IR-SE50 embeddings
+     "ages": {"lo-hi": Tensor[N_bin]},      # DEX ages in years
+     "meta": {...}}                          # norm, embed, age_model, bin_size, min/max_age, created, source
+
+Bin rule: ``lo = ⌊(age − 18)/5⌋·5 + 18``, ``hi = lo + 4`` → 13 bins ``18-22 … 78-82``; bin index
+``i = ⌊(age − 18)/5⌋``. Ages outside [18, 80] are dropped when a bank is built.
+
+In memory every bin is concatenated, sorted by bin, into one float32 ``[N, D]`` tensor with a bin-id vector
+and bin offsets, so the members of the bins ``i0 … i1`` are the contiguous rows ``offsets[i0]:offsets[i1+1]``
+and mining is tensor work only.
+
+Empty bins in a file are *warned about and skipped* (a bank may legitimately hold no faces of 78-82);
+they never turn into a silent zero loss: the miner widens its radius over them and raises ``ValueError``
+when no member lies within ``max_radius`` bins of a target age.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # optional at import time: the torch backend needs nothing else
+    import faiss  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the environment
+    faiss = None
+
+MIN_AGE = 18
+MAX_AGE = 80
+BIN_SIZE = 5
+N_BINS = 13  # 18-22 … 78-82
+NORM_TOL = 1e-2
+_KEY_RE = re.compile(r"^(\d+)-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------- bins
+def bin_key(index: int) -> str:
+    """Bin name of bin index i: ``f"{18+5i}-{22+5i}"``."""
+    lo = MIN_AGE + BIN_SIZE * int(index)
+    return f"{lo}-{lo + BIN_SIZE - 1}"
+
+
+def age_to_bin(ages: Tensor) -> Tensor:
+    """Bin index ⌊(age − 18)/5⌋ (long, may fall outside [0, 12] for ages outside the bank)."""
+    return torch.floor((ages.double() - MIN_AGE) / BIN_SIZE).long()
+
+
+def parse_bin_key(key: str, source: str) -> int:
+    """Bin index of a ``"lo-hi"`` key; ``ValueError`` naming the file and key when it breaks the rule."""
+    m = _KEY_RE.match(str(key))
+    if m is None:
+        raise ValueError(f"impostor bank {source}: bin key {key!r} is not of the form 'lo-hi'")
+    lo, hi = int(m.group(1)), int(m.group(2))
+    idx, rem = divmod(lo - MIN_AGE, BIN_SIZE)
+    if rem != 0 or hi != lo + BIN_SIZE - 1 or not 0 <= idx < N_BINS:
+        raise ValueError(f"impostor bank {source}: bin key {key!r} is not one of 18-22, 23-27, …, 78-82")
+    return idx
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the destination folder, fsync, then ``os.replace`` onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------- bank
+class ImpostorBank:
+    """All bins of an impostor bank as one sorted ``[N, D]`` float32 tensor.
+
+    ``embeddings`` [N,D] (rows sorted by bin), ``ages`` [N] years, ``bin_ids`` [N] long in [0, 12],
+    ``offsets`` [13+1] with the members of bin i at rows ``offsets[i]:offsets[i+1]``.
+    """
+
+    def __init__(self, embeddings: Tensor, ages: Tensor, bin_ids: Tensor, meta: dict[str, Any] | None = None,
+                 source: str = "<memory>"):
+        self.source = str(source)
+        if embeddings.ndim != 2 or ages.shape != (embeddings.shape[0],) or bin_ids.shape != ages.shape:
+            shapes = (tuple(embeddings.shape), tuple(ages.shape), tuple(bin_ids.shape))
+            raise ValueError(f"impostor bank {self.source}: expected embeddings [N,D], ages [N], bin ids [N]"
+                             f", got {shapes}")
+        if embeddings.shape[0] == 0:
+            raise ValueError(f"impostor bank {self.source}: the bank holds no embeddings")
+        bin_ids = bin_ids.long()
+        if bool(((bin_ids < 0) | (bin_ids >= N_BINS)).any()):
+            raise ValueError(f"impostor bank {self.source}: bin ids must lie in [0, {N_BINS - 1}]")
+        _check_embeddings(embeddings, self.source, "embeddings")
+        order = torch.argsort(bin_ids, stable=True)
+        self.embeddings = embeddings.detach().float().cpu()[order].contiguous()
+        self.ages = ages.detach().float().cpu()[order].contiguous()
+        self.bin_ids = bin_ids.cpu()[order].contiguous()
+        counts = torch.bincount(self.bin_ids, minlength=N_BINS)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # ---- construction
+    @classmethod
+    def from_embeddings(cls, embeddings: Tensor, ages: Tensor, meta: dict[str, Any] | None = None,
+                        source: str = "<memory>") -> ImpostorBank:
+        """Bin by the age rule; rows with age outside [18, 80] (or non-finite) are dropped."""
+        assert embeddings.ndim == 2 and ages.shape == (embeddings.shape[0],), \
+            f"expected embeddings [N,D] and ages [N], got {tuple(embeddings.shape)} and {tuple(ages.shape)}"
+        keep = torch.isfinite(ages) & (ages >= MIN_AGE) & (ages <= MAX_AGE)
+        return cls(embeddings[keep], ages[keep], age_to_bin(ages[keep]), meta=meta, source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ImpostorBank:
+        """Read and validate a bank file (see the module docstring for the layout)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"impostor bank file not found: {path}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise ValueError(f"impostor bank {path}: cannot be read as a torch file "
+                             f"({type(e).__name__}: {e})") from e
+        return cls.from_dict(obj, source=str(path))
+
+    @classmethod
+    def from_dict(cls, obj: Any, source: str = "<memory>") -> ImpostorBank:
+        """Validate the ``{"bins", "ages", "meta"}`` layout and concatenate the bins."""
+        layout_ok = isinstance(obj, dict) and all(isinstance(obj.get(k), dict) for k in ("bins", "ages"))
+        if not layout_ok:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"impostor bank {source}: expected a dict with 'bins' and 'ages' dicts (and "
+                             f"'meta'), got {keys}")
+        bins, ages = obj["bins"], obj["ages"]
+        meta = obj.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"impostor bank {source}: 'meta' must be a dict, got {type(meta).__name__}")
+        if set(bins) != set(ages):
+            raise ValueError(f"impostor bank {source}: 'bins' and 'ages' have different keys "
+                             f"({sorted(set(bins) ^ set(ages))})")
+        embs, ags, ids, dim = [], [], [], None
+        for key in sorted(bins, key=lambda k: parse_bin_key(k, source)):
+            idx = parse_bin_key(key, source)
+            e, a = bins[key], ages[key]
+            if not isinstance(e, Tensor) or e.ndim != 2 or not e.is_floating_point():
+                raise ValueError(f"impostor bank {source}: bins[{key!r}] must be a float tensor [N,D], got "
+                                 f"{tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__}")
+            if not isinstance(a, Tensor) or a.shape != (e.shape[0],):
+                raise ValueError(f"impostor bank {source}: ages[{key!r}] must be a tensor [{e.shape[0]}], "
+                                 f"got {tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__}")
+            if dim is not None and e.shape[1] != dim:
+                raise ValueError(f"impostor bank {source}: bins[{key!r}] has dimension {e.shape[1]}, "
+                                 f"others {dim}")
+            dim = int(e.shape[1])
+            if e.shape[0] == 0:
+                warnings.warn(f"impostor bank {source}: bin {key!r} is empty and is skipped", stacklevel=2)
+                continue
+            _check_embeddings(e, source, f"bins[{key!r}]")
+            if not bool(torch.isfinite(a).all()):
+                raise ValueError(f"impostor bank {source}: ages[{key!r}] holds NaN/inf")
+            off = int((age_to_bin(a) != idx).sum())
+            if off:
+                warnings.warn(f"impostor bank {source}: {off} ages in bin {key!r} lie outside it "
+                              f"(the key decides the bin)", stacklevel=2)
+            embs.append(e.float())
+            ags.append(a.float())
+            ids.append(torch.full((e.shape[0],), idx, dtype=torch.long))
+        if not embs:
+            raise ValueError(f"impostor bank {source}: every bin is empty")
+        return cls(torch.cat(embs), torch.cat(ags), torch.cat(ids), meta=meta, source=source)
+
+    # ---- persistence
+    def to_dict(self) -> dict[str, Any]:
+        """The file layout; only non-empty bins are written (each a compact copy, not a view)."""
+        out: dict[str, Any] = {"bins": {}, "ages": {}, "meta": dict(self.meta)}
+        for i in range(N_BINS):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            if b > a:
+                out["bins"][bin_key(i)] = self.embeddings[a:b].clone()
+                out["ages"][bin_key(i)] = self.ages[a:b].clone()
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomic write (temp file in the same folder + ``os.replace``)."""
+        atomic_torch_save(self.to_dict(), path)
+
+    # ---- queries
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def bin_counts(self) -> dict[str, int]:
+        """Members per non-empty bin, in age order."""
+        c = (self.offsets[1:] - self.offsets[:-1]).tolist()
+        return {bin_key(i): int(n) for i, n in enumerate(c) if n > 0}
+
+    def covering_range(self, target_bins: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+        """Row range ``[start, end)`` of the bins ``target ± radius`` (clipped to the bank), both [B] long.
+
+        Empty (start == end) when no bin of the window exists.
+        """
+        lo = (target_bins - radius).clamp(0, N_BINS)
+        hi = (target_bins + radius + 1).clamp(0, N_BINS)
+        hi = torch.maximum(hi, lo)
+        return self.offsets[lo], self.offsets[hi]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per non-empty bin: key, count, mean/min/max age, min/max embedding norm."""
+        rows = []
+        norms = self.embeddings.norm(dim=1)
+        for i in range(N_BINS):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            if b == a:
+                continue
+            ag = self.ages[a:b]
+            rows.append({"bin": bin_key(i), "count": b - a, "mean_age": float(ag.mean()),
+                         "min_age": float(ag.min()), "max_age": float(ag.max()),
+                         "norm_min": float(norms[a:b].min()), "norm_max": float(norms[a:b].max())})
+        return rows
+
+
+def _check_embeddings(e: Tensor, source: str, name: str) -> None:
+    if not bool(torch.isfinite(e).all()):
+        raise ValueError(f"impostor bank {source}: {name} holds NaN/inf embeddings")
+    dev = (e.float().norm(dim=1) - 1).abs()
+    if e.shape[0] and float(dev.max()) > NORM_TOL:
+        raise ValueError(f"impostor bank {source}: {name} is not L2-normalized "
+                         f"(max |‖e‖ − 1| = {float(dev.max()):.3g} > {NORM_TOL})")
+
+
+def default_meta(**extra: Any) -> dict[str, Any]:
+    """The ``meta`` block of SPEC §5 (plus any extra bookkeeping)."""
+    meta = {"norm": "l2", "embed": "ir_se50", "age_model": "dex", "bin_size": BIN_SIZE, "min_age": MIN_AGE,
+            "max_age": MAX_AGE, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": ""}
+    meta.update(extra)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class MinerConfig:
+    """Miner profile: keep ``k`` negatives from the top-``top_m`` inner products whose similarity lies in
+    ``[min_sim, max_sim]``, from the bins within ``radius`` of the target bin (widened up to
+    ``max_radius``)."""
+
+    k: int = 48
+    top_m: int = 768
+    min_sim: float = 0.25
+    max_sim: float = 0.60
+    radius: int = 0
+    max_radius: int = 3
+    backend: str = "faiss"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 1 or self.top_m < self.k:
+            raise ValueError(f"miner config: need 1 ≤ k ≤ top_m, got k={self.k}, top_m={self.top_m}")
+        if not -1.0 <= self.min_sim <= self.max_sim <= 1.0:
+            raise ValueError(f"miner config: need -1 ≤ min_sim ≤ max_sim ≤ 1, "
+                             f"got [{self.min_sim}, {self.max_sim}]")
+        if self.radius < 0 or self.max_radius < 0:
+            raise ValueError(f"miner config: radius/max_radius must be ≥ 0, "
+                             f"got {self.radius}/{self.max_radius}")
+        if self.backend not in ("faiss", "torch", "random"):
+            raise ValueError(f"miner config: backend {self.backend!r} is not one of "
+                             f"'faiss', 'torch', 'random'")
+
+    @classmethod
+    def from_profile(cls, profile: str = "soft060", **overrides: Any) -> MinerConfig:
+        """A named profile with any field overridden (``None`` overrides are ignored)."""
+        name = PROFILE_ALIASES.get(profile, profile)
+        if name not in PROFILES:
+            raise ValueError(f"miner profile {profile!r} is unknown; known: {sorted(PROFILES)}")
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ValueError(f"miner config: unknown field(s) {bad}; fields: {sorted(names)}")
+        return replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PROFILES: dict[str, MinerConfig] = {
+    "baseline": MinerConfig(k=64, min_sim=0.20, max_sim=0.70),
+    "soft": MinerConfig(k=48, min_sim=0.25, max_sim=0.65),
+    "soft060": MinerConfig(k=48, top_m=768, min_sim=0.25, max_sim=0.60),
+    "soft32": MinerConfig(k=32, min_sim=0.25, max_sim=0.60),
+}
+PROFILE_ALIASES = {"soft-0.60": "soft060", "soft_060": "soft060", "soft0.60": "soft060"}
+
+MIN_SIM_STEP = 0.05
+
+
+# ----------------------------------------------------------------------------------------------- miner
+class ImpostorMiner:
+    """Mine ``k`` impostor negatives per query from an :class:`ImpostorBank` (SPEC §5).
+
+    Per query q and target bin b (bin of the target age):
+      1. top-M members by ⟨q, e⟩ (FAISS ``IndexFlatIP``, on GPU when available; or torch matmul + topk);
+      2. keep members whose bin lies in [b − r, b + r];
+      3. keep min_sim ≤ s ≤ max_sim → ``candidate_count``;
+      4. while fewer than k: r += 1 up to ``max_radius``; then min_sim −= 0.05 per round, down to 0;
+         then pad with uniform random members of the bins b ± r (their similarity counted as 0);
+      5. random permutation of the candidates, keep k (``k_effective`` = candidates among them).
+    Relaxation is per query: a query with enough candidates keeps the profile's band and radius.
+    Deterministic for a given ``cfg.seed`` (one CPU ``torch.Generator``, reset by :meth:`reset_rng`).
+    """
+
+    def __init__(self, bank: ImpostorBank, cfg: MinerConfig | None = None):
+        self.bank = bank
+        self.cfg = cfg or MinerConfig()
+        self.backend = self.cfg.backend
+        if self.backend == "faiss" and faiss is None:
+            warnings.warn("faiss is not installed: the impostor miner falls back to torch matmul + topk",
+                          stacklevel=2)
+            self.backend = "torch"
+        self.generator = torch.Generator()
+        self.reset_rng()
+        self._index = None
+        self._index_on_gpu = False
+        self._bank_dev: dict[torch.device, Tensor] = {}
+
+    def reset_rng(self, seed: int | None = None) -> None:
+        self.generator.manual_seed(self.cfg.seed if seed is None else int(seed))
+
+    # ---- search
+    def rebuild_index(self) -> None:
+        """Drop the search index and device copies; they are rebuilt on the next search."""
+        self._index, self._index_on_gpu, self._bank_dev = None, False, {}
+
+    def _faiss_index(self):
+        if self._index is None:
+            cpu = faiss.IndexFlatIP(self.bank.dim)
+            cpu.add(self.bank.embeddings.numpy())
+            self._index, self._index_on_gpu = cpu, False
+            if (torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
+                    and faiss.get_num_gpus() > 0 and self.cfg.top_m <= 2048):
+                try:
+                    self._gpu_res = faiss.StandardGpuResources()
+                    self._index = faiss.index_cpu_to_gpu(self._gpu_res, torch.cuda.current_device(), cpu)
+                    self._index_on_gpu = True
+                except Exception as e:  # noqa: BLE001 - a GPU failure must not stop training
+                    warnings.warn(f"faiss GPU index failed ({e}); using the CPU index", stacklevel=2)
+        return self._index
+
+    def search(self, queries: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        """Top-m inner products: (sims [B,m] float32 CPU, ids [B,m] long CPU), best first."""
+        m = min(int(m), len(self.bank))
+        q = queries.detach().float()
+        if self.backend == "faiss":
+            sims, ids = self._faiss_index().search(q.cpu().contiguous().numpy(), m)
+            return torch.from_numpy(sims), torch.from_numpy(ids).long()
+        dev = q.device
+        if dev not in self._bank_dev:
+            self._bank_dev[dev] = self.bank.embeddings.to(dev)
+        sims, ids = torch.topk(q @ self._bank_dev[dev].T, m, dim=1)
+        return sims.cpu(), ids.cpu()
+
+    # ---- mining
+    def mine(self, queries: Tensor, target_ages_years: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Negatives [B,k,D] (no gradient, on the queries' device and dtype) and the stats dict."""
+        ids, _, stats = self.mine_ids(queries, target_ages_years)
+        neg = self.bank.embeddings[ids].to(device=queries.device, dtype=queries.dtype)
+        return neg, stats
+
+    def mine_ids(self, queries: Tensor, target_ages_years: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """Bank row ids [B,k] (long, CPU), their similarities [B,k] (padding counted 0) and the stats."""
+        assert queries.ndim == 2 and queries.shape[1] == self.bank.dim, \
+            f"queries must be [B,{self.bank.dim}], got {tuple(queries.shape)}"
+        b = queries.shape[0]
+        assert b > 0, "mine() needs at least one query"
+        assert target_ages_years.shape == (b,), \
+            f"target ages must be [{b}], got {tuple(target_ages_years.shape)}"
+        cfg, k = self.cfg, self.cfg.k
+        tb = age_to_bin(target_ages_years.detach().cpu())
+        rmax = max(cfg.radius, cfg.max_radius)
+        full_r = torch.full((b,), rmax, dtype=torch.long)
+        start, end = self.bank.covering_range(tb, full_r)
+        if bool((end == start).any()):
+            bad = target_ages_years.detach().cpu()[end == start].tolist()
+            raise ValueError(f"impostor bank {self.bank.source}: no bin within ±{rmax} bins of target ages "
+                             f"{[round(a, 2) for a in bad]} years "
+                             f"(bins present: {list(self.bank.bin_counts())})")
+        if self.backend == "random":
+            return self._mine_random(queries, tb, b)
+
+        sims, ids = self.search(queries, cfg.top_m)  # [B,M]
+        mbin = self.bank.bin_ids[ids]
+        dbin = (mbin - tb[:, None]).abs()
+        in_ceiling = sims <= cfg.max_sim
+        radius = torch.full((b,), cfg.radius, dtype=torch.long)
+        lowered = torch.zeros(b, dtype=torch.long)
+        floor = torch.full((b,), float(cfg.min_sim))
+
+        def candidates() -> Tensor:
+            return (dbin <= radius[:, None]) & (sims >= floor[:, None]) & in_ceiling
+
+        valid = candidates()
+        cand0 = valid.sum(1)
+        while True:  # relaxation rounds (at most max_radius + min_sim/0.05), each vectorised over the batch
+            need = valid.sum(1) < k
+            widen = need & (radius < rmax)
+            lower = need & ~widen & (floor > 0)
+            if not bool((widen | lower).any()):
+                break
+            radius = radius + widen.long()
+            lowered = lowered + lower.long()
+            relaxed = torch.round((cfg.min_sim - MIN_SIM_STEP * lowered.double()) * 1e6) / 1e6
+            floor = torch.where(lower, relaxed.float().clamp(min=0.0), floor)
+            valid = candidates()
+
+        # random permutation of the candidates: sort random keys, invalid ones last
+        keys = torch.rand(sims.shape, generator=self.generator).masked_fill(~valid, 2.0)
+        kk = min(k, sims.shape[1])
+        order = keys.argsort(dim=1)[:, :kk]
+        sel_valid = valid.gather(1, order)
+        pad_ids = self._draw(start_end=self.bank.covering_range(tb, radius), b=b)
+        out_ids = pad_ids.clone()
+        out_ids[:, :kk] = torch.where(sel_valid, ids.gather(1, order), pad_ids[:, :kk])
+        out_sims = torch.zeros(b, k)
+        out_sims[:, :kk] = torch.where(sel_valid, sims.gather(1, order), torch.zeros(()))
+        stats = _sim_stats(out_sims)
+        k_eff = float(sel_valid.sum(1).float().mean())
+        stats.update(candidate_count=float(cand0.float().mean()), k_effective=k_eff, pad_count=k - k_eff,
+                     band_min=float(floor.min()), band_max=float(cfg.max_sim),
+                     radius_used=float(radius.max()))
+        return out_ids, out_sims, stats
+
+    def _draw(self, start_end: tuple[Tensor, Tensor], b: int) -> Tensor:
+        """k uniform draws (with replacement) per row from rows ``[start, end)`` of the bank."""
+        start, end = start_end
+        u = torch.rand(b, self.cfg.k, generator=self.generator, dtype=torch.float64)
+        n = (end - start).clamp(min=1)
+        ids = start[:, None] + torch.minimum((u * n[:, None]).long(), n[:, None] - 1)
+        return ids.clamp(max=len(self.bank) - 1)  # rows with an empty window never use their draws
+
+    def _mine_random(self, queries: Tensor, tb: Tensor, b: int) -> tuple[Tensor, Tensor, dict[str, float]]:
+        cfg = self.cfg
+        rmax = max(cfg.radius, cfg.max_radius)
+        radius = torch.full((b,), cfg.radius, dtype=torch.long)
+        start, end = self.bank.covering_range(tb, radius)
+        cand0 = end - start
+        while bool((end == start).any()):  # widen only where the window is empty (≤ max_radius rounds)
+            radius = torch.where(end == start, (radius + 1).clamp(max=rmax), radius)
+            start, end = self.bank.covering_range(tb, radius)
+        ids = self._draw((start, end), b)
+        q = queries.detach().float().cpu()
+        sims = torch.einsum("bd,bkd->bk", q, self.bank.embeddings[ids])
+        stats = _sim_stats(sims)
+        stats.update(candidate_count=float(cand0.float().mean()), k_effective=float(cfg.k), pad_count=0.0,
+                     band_min=-1.0, band_max=1.0, radius_used=float(radius.max()))
+        return ids, sims, stats
+
+
+def _sim_stats(sims: Tensor) -> dict[str, float]:
+    """Mean, population std and 50/75/90 % quantiles of the selected similarities."""
+    s = sims.flatten().float()
+    q = torch.quantile(s, torch.tensor([0.5, 0.75, 0.9]))
+    return {"sim_mean": float(s.mean()), "sim_std": float(s.std(unbiased=False)), "sim_p50": float(q[0]),
+            "sim_p75": float(q[1]), "sim_p90": float(q[2])}
+
+
+# ----------------------------------------------------------------------------------------------- bench
+def bench_mining(n: int = 70000, d: int = 512, queries: int = 8, repeats: int = 20, backend: str = "faiss",
+                 profile: str = "soft060", seed: int = 0) -> dict[str, Any]:
+    """Milliseconds per ``mine`` call on a synthetic bank of ``n`` random unit vectors (ages U[18, 80]).
+
+    Queries are bank members plus noise (so the band holds some candidates) at target age 40.
+    """
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    ages = 18 + 62 * torch.rand(n, generator=g)
+    bank = ImpostorBank.from_embeddings(emb, ages, meta=default_meta(source="bench"), source="<bench>")
+    miner = ImpostorMiner(bank, MinerConfig.from_profile(profile, backend=backend, seed=seed))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pick = torch.randint(0, len(bank), (queries,), generator=g)
+    noise = 0.08 * torch.randn(queries, d, generator=g)
+    q = torch.nn.functional.normalize(bank.embeddings[pick] + noise, dim=1)
+    q, t = q.to(dev), torch.full((queries,), 40.0, device=dev)
+    miner.mine(q, t)  # warm-up: builds the index
+    times = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _, stats = miner.mine(q, t)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t0))
+    ts = torch.tensor(times)
+    return {"backend": miner.backend, "index_on_gpu": bool(miner._index_on_gpu), "device": str(dev),
+            "n": n, "d": d,
+            "queries": queries, "repeats": repeats, "ms_mean": float(ts.mean()),
+            "ms_std": float(ts.std()) if repeats > 1 else 0.0, "ms_min": float(ts.min()),
+            "ms_p50": float(ts.median()), "candidate_count": stats["candidate_count"]}
+
+
+__all__ = ["ImpostorBank", "ImpostorMiner", "MinerConfig", "PROFILES", "age_to_bin", "atomic_torch_save",
+           "bench_mining", "bin_key", "default_meta"]

@@ -1,0 +1,278 @@
+"""``AgingModule``: the SAM training step (SPEC §2, §4) as a LightningModule.
+
+One step: (1) real pass ŷ, codes = net(x ⊕ t); (2) cycle pass y_rec = net(ŷ.detach() ⊕ a) toward the input age;
+loss = L_real + cycle_weight·L_cycle and one optimizer step. Stages: ``s1`` trains the age encoder (decoder
+frozen), ``s2``/``p3`` train the decoder (encoders frozen). Frozen modules stay in eval mode and outside autograd.
+
+Validation is deterministic (fixed seed, const noise, training RNG untouched) and reports the fork-comparable
+reconstruction total (no aging, real + cycle, weighted) and aging accuracy (DEX age of outputs at target ages
+inside the window).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from agingnet.data.sampler import TargetAgeSampler
+from agingnet.losses.base import FrozenNets, LossContext
+from agingnet.losses.registry import LossStack
+from agingnet.models import build_arcface, build_dex, build_lpips, load_or_build_aging_net
+from agingnet.nn.aging_net import add_age_channel
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = {"s1": ("encoder",), "s2": ("decoder",), "p3": ("decoder",)}
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class AgingModule(L.LightningModule):
+    """Args (all plain values or configs, so the module is built by ``hydra.utils.instantiate``):
+
+    net: architecture of the aging network (used when no weights are given). frozen: ``arcface``/``dex``/
+    ``lpips`` settings. weights: paths of the published files. loss: the registry's term configs.
+    sampler: :class:`TargetAgeSampler` kwargs. optimizer/scheduler: partial ``_target_`` configs.
+    stage: s1 | s2 | p3. cycle_weight: λ of the cycle pass. input_age: "dex" (fork) or "label" (file name).
+    init_from: base checkpoint (global step continues); init_use_ema: take the base's EMA decoder as weights.
+    """
+
+    def __init__(self, net: Mapping, frozen: Mapping, loss: Mapping, sampler: Mapping, optimizer: Any,
+                 scheduler: Any = None, weights: Mapping | None = None, stage: str = "p3", cycle_weight: float = 1.0,
+                 input_age: str = "dex", train_noise: str = "random", init_from: str | None = None,
+                 init_use_ema: bool = False, restore_optimizer: bool = False, channels_last: bool = False,
+                 val_seed: int = 1234, val_target_ages: list[int] | None = None, image_interval: int = 500,
+                 nan_guard: bool = True, image_rows: int = 4):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if stage not in TRAINABLE:
+            raise ValueError(f"stage must be one of {sorted(TRAINABLE)}, got {stage!r}")
+        if input_age not in ("dex", "label"):
+            raise ValueError(f"input_age must be 'dex' or 'label', got {input_age!r}")
+        self.stage, self.cycle_weight, self.input_age = stage, float(cycle_weight), input_age
+        self.train_noise, self.channels_last = train_noise, channels_last
+        self.net, self.init_info = load_or_build_aging_net(_plain(net), _plain(weights), init_from, init_use_ema)
+        self.step_offset = int(self.init_info.get("global_step", 0)) if init_from else 0
+        fz, w = _plain(frozen), _plain(weights) or {}
+        self.frozen = FrozenNets(
+            arcface=build_arcface(path=w.get("arcface"), **fz.get("arcface", {})),
+            dex=build_dex(path=w.get("dex"), **fz.get("dex", {})),
+            lpips=build_lpips(**fz.get("lpips", {})),
+        )
+        self.loss = LossStack(_plain(loss) or {}, stage=stage)
+        self.sampler = TargetAgeSampler(**_plain(sampler))
+        self._set_trainable()
+        self.nan_skips = 0
+        self.last_step_skipped = False
+        self.using_ema = False  # set by the EMA callback while its shadow weights are swapped in
+        self._gen = torch.Generator()
+        self._gen.manual_seed(int(val_seed) + 1)
+        self._last_images: dict[str, Tensor] = {}
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def train_decoder(self) -> bool:
+        return "decoder" in TRAINABLE[self.stage]
+
+    @property
+    def abs_step(self) -> int:
+        """The global step as the fork counts it: base checkpoint's step + steps taken in this run."""
+        return self.step_offset + int(self.global_step)
+
+    def _set_trainable(self) -> None:
+        self.net.requires_grad_(False)
+        for name in TRAINABLE[self.stage]:
+            getattr(self.net, name).requires_grad_(True)
+        if self.net.blender is not None and self.net.use_blender:
+            self.net.blender.requires_grad_(True)
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        mods = {n: getattr(self.net, n) for n in TRAINABLE[self.stage]}
+        if self.net.blender is not None and self.net.use_blender:
+            mods["blender"] = self.net.blender
+        return mods
+
+    def train(self, mode: bool = True):
+        """Only the trained modules enter train mode: frozen BatchNorm statistics never drift (fork bug)."""
+        super().train(False)
+        if mode:
+            for m in self.trainable_modules().values():
+                m.train(True)
+        return self
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------- pieces of a step
+    def _input_ages(self, batch: Mapping[str, Any]) -> Tensor:
+        x = batch["image"]
+        age = batch.get("age")
+        if self.input_age == "label" and age is not None and not torch.isnan(age).any():
+            return age.to(x.device, x.dtype)
+        with torch.no_grad():
+            return self.frozen.predict_age(x).clamp(0, 100)
+
+    def _prep(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def run_passes(self, x: Tensor, input_years: Tensor, target_years: Tensor, no_aging: bool, noise_mode: str,
+                   step: int) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Real and cycle passes. Returns (weighted total, logged loss = L_real + L_cycle, logs, images)."""
+        a, t = input_years / 100.0, target_years / 100.0
+        x = self._prep(x)
+        y_hat, codes = self.net(self._prep(add_age_channel(x, t)), noise_mode=noise_mode)
+        common = dict(x=x, y=x, latent_avg=self.net.latent_avg, nets=self.frozen, no_aging=no_aging,
+                      stage=self.stage, step=step, train_decoder=self.train_decoder)
+        ctx = LossContext(y_hat=y_hat, codes=codes, input_ages=a, target_ages=t, pass_name="real", **common)
+        l_real, logs = self.loss(ctx)
+        y_rec, codes_rec = self.net(self._prep(add_age_channel(y_hat.detach(), a)), noise_mode=noise_mode)
+        ctx_c = LossContext(y_hat=y_rec, codes=codes_rec, input_ages=t, target_ages=a, pass_name="cycle", **common)
+        l_cycle, logs_c = self.loss(ctx_c)
+        logs.update(logs_c)
+        images = {"input": x.detach(), "output": y_hat.detach(), "cycle": y_rec.detach(),
+                  "target_age": target_years.detach(), "input_age": input_years.detach()}
+        if "output_age_real" in ctx.extra:
+            images["output_age"] = ctx.extra["output_age_real"]
+        return l_real + self.cycle_weight * l_cycle, (l_real + l_cycle).detach(), logs, images
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
+        x = batch["image"]
+        input_years = self._input_ages(batch)
+        target_years, no_aging = self.sampler.sample(input_years.detach().cpu(), self._gen)
+        target_years = target_years.to(x.device, x.dtype)
+        total, loss_logged, logs, images = self.run_passes(x, input_years, target_years, no_aging,
+                                                           self.train_noise, self.abs_step)
+        self._last_images = images
+        bs = x.shape[0]
+        self.log("train/loss", loss_logged, prog_bar=True, batch_size=bs)
+        self.log("train/total", total.detach(), batch_size=bs)
+        self.log("train/no_aging", float(no_aging), batch_size=bs)
+        self.log("train/target_age", target_years.mean(), batch_size=bs)
+        self.log("train/abs_step", float(self.abs_step), batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bs)
+        if not torch.isfinite(total):
+            if self.hparams.nan_guard:
+                self.nan_skips += 1
+                self.log("train/nan_skips", float(self.nan_skips), batch_size=bs)
+                log.warning("non-finite loss at step %d: step skipped (%d so far)", self.abs_step, self.nan_skips)
+                return None
+        return total
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """NaN guard on gradients: a non-finite gradient norm skips the step (grads cleared) and is counted."""
+        self.last_step_skipped = False
+        if not self.hparams.nan_guard:
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+            self.nan_skips += 1
+            self.last_step_skipped = True
+            self.log("train/nan_skips", float(self.nan_skips))
+            log.warning("non-finite gradient at step %d: step skipped (%d so far)", self.abs_step, self.nan_skips)
+
+    # ---------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        self._val_rng.__enter__()
+        torch.manual_seed(self.hparams.val_seed)
+        self._val_gen = torch.Generator().manual_seed(self.hparams.val_seed)
+
+    def on_validation_epoch_end(self) -> None:
+        if getattr(self, "_val_rng", None) is not None:
+            self._val_rng.__exit__(None, None, None)
+            self._val_rng = None
+
+    def aging_targets(self, n: int) -> Tensor:
+        """Deterministic target ages for the aging check: the window's ages in turn (fixed mode) or the
+        configured list, else a uniform draw from the validation generator."""
+        ages = self.hparams.val_target_ages
+        win = self.sampler.window
+        if not ages and win is not None:
+            ages = list(range(win[0], win[1] + 1))
+        if ages:
+            return torch.tensor([ages[i % len(ages)] for i in range(n)], dtype=torch.float32)
+        lo, hi = self.sampler.bounds
+        return torch.randint(lo, hi + 1, (n,), generator=self._val_gen).float()
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        x = batch["image"]
+        bs = x.shape[0]
+        input_years = self._input_ages(batch)
+        _, loss_logged, logs, _ = self.run_passes(x, input_years, input_years, True, "const", self.abs_step)
+        total = logs["real/total"] + logs["cycle/total"]
+        self.log("val/total", total, prog_bar=True, batch_size=bs)
+        self.log("val/loss", loss_logged, batch_size=bs)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=bs)
+        targets = self.aging_targets(bs).to(x.device, x.dtype)
+        y_aged, _ = self.net(self._prep(add_age_channel(self._prep(x), targets / 100.0)), noise_mode="const")
+        out_age = self.frozen.predict_age(y_aged)
+        self.log("val/aging/mae", (out_age - targets).abs().mean(), batch_size=bs)
+        self.log("val/aging/output_age", out_age.mean(), batch_size=bs)
+        self.log("val/aging/target_age", targets.mean(), batch_size=bs)
+        win = self.sampler.window
+        if win is not None:
+            inside = ((out_age >= win[0]) & (out_age <= win[1])).float().mean()
+            self.log("val/aging/in_window", inside, batch_size=bs)
+        self.log("val/used_ema", float(self.using_ema), batch_size=bs)
+        if batch_idx == 0:
+            self._last_val_images = {"input": x.detach(), "output": y_aged.detach(), "target_age": targets,
+                                     "output_age": out_age.detach(), "input_age": input_years.detach()}
+
+    # ---------------------------------------------------------------- optimization
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage {self.stage!r} leaves no trainable parameter")
+        opt = self.hparams.optimizer
+        optimizer = instantiate(opt)(params) if isinstance(opt, (dict, DictConfig)) else opt(params)
+        if self.hparams.restore_optimizer and self.hparams.init_from:
+            self._restore_optimizer(optimizer)
+        sched = self.hparams.scheduler
+        if sched is None:
+            return optimizer
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 1000
+        scheduler = (instantiate(sched) if isinstance(sched, (dict, DictConfig)) else sched)(optimizer,
+                                                                                             total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _restore_optimizer(self, optimizer) -> None:
+        """Explicit option: load the base checkpoint's optimizer state, then re-apply the configured LR."""
+        from agingnet.pretrained import read_checkpoint
+
+        state = read_checkpoint(self.hparams.init_from, "aging").get("optimizer")
+        if not state:
+            raise ValueError(f"{self.hparams.init_from}: restore_optimizer=true but it holds no optimizer state")
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 500, min_lr: float = 1e-6):
+    """Linear warmup over ``warmup_steps`` then cosine decay to ``min_lr`` at ``total_steps`` (torch's
+    LinearLR → CosineAnnealingLR in a SequentialLR)."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    warmup_steps = max(0, min(int(warmup_steps), int(total_steps) - 1))
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, int(total_steps) - warmup_steps), eta_min=min_lr)
+    if warmup_steps == 0:
+        return cosine
+    warm = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
+
+
+__all__ = ["AgingModule", "warmup_cosine"]
