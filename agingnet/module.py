@@ -11,6 +11,7 @@ inside the window).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -53,7 +54,10 @@ class AgingModule(L.LightningModule):
                  val_seed: int = 1234, val_target_ages: list[int] | None = None, image_interval: int = 500,
                  nan_guard: bool = True, image_rows: int = 4):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        # plain containers only: the .ckpt stays readable with torch.load(weights_only=True)
+        args = dict(locals())
+        names = list(inspect.signature(AgingModule.__init__).parameters)[1:]
+        self.save_hyperparameters({k: _plain(args[k]) for k in names}, logger=False)
         if stage not in TRAINABLE:
             raise ValueError(f"stage must be one of {sorted(TRAINABLE)}, got {stage!r}")
         if input_age not in ("dex", "label"):
@@ -185,16 +189,34 @@ class AgingModule(L.LightningModule):
             log.warning("non-finite gradient at step %d: step skipped (%d so far)", self.abs_step, self.nan_skips)
 
     # ---------------------------------------------------------------- validation
+    def term_generators(self) -> list[torch.Generator]:
+        """Private generators of the loss terms (ROI jitter, the miner's draws)."""
+        gens = []
+        for term in self.loss.terms.values():
+            for owner in (term, getattr(term, "_miner", None)):
+                g = getattr(owner, "generator", None)
+                if isinstance(g, torch.Generator):
+                    gens.append(g)
+        return gens
+
     def on_validation_epoch_start(self) -> None:
+        """Deterministic validation: a fixed seed everywhere, and every RNG (global, CUDA, the loss terms')
+        restored afterwards so validation never changes what training draws."""
         self._val_rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         self._val_rng.__enter__()
         torch.manual_seed(self.hparams.val_seed)
         self._val_gen = torch.Generator().manual_seed(self.hparams.val_seed)
+        self._term_states = [(g, g.get_state()) for g in self.term_generators()]
+        for g, _ in self._term_states:
+            g.manual_seed(self.hparams.val_seed)
 
     def on_validation_epoch_end(self) -> None:
         if getattr(self, "_val_rng", None) is not None:
             self._val_rng.__exit__(None, None, None)
             self._val_rng = None
+        for g, state in getattr(self, "_term_states", []):
+            g.set_state(state)
+        self._term_states = []
 
     def aging_targets(self, n: int) -> Tensor:
         """Deterministic target ages for the aging check: the window's ages in turn (fixed mode) or the
@@ -232,20 +254,33 @@ class AgingModule(L.LightningModule):
             self._last_val_images = {"input": x.detach(), "output": y_aged.detach(), "target_age": targets,
                                      "output_age": out_age.detach(), "input_age": input_years.detach()}
 
+    # ---------------------------------------------------------------- checkpoint state
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Persist what Lightning does not: the target-age generator, the NaN-skip count, the step offset."""
+        checkpoint["agingnet"] = {"target_rng": self._gen.get_state(), "nan_skips": self.nan_skips,
+                                  "step_offset": self.step_offset, "stage": self.stage}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("agingnet")
+        if state:
+            self._gen.set_state(state["target_rng"])
+            self.nan_skips = int(state["nan_skips"])
+            self.step_offset = int(state["step_offset"])
+
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"stage {self.stage!r} leaves no trainable parameter")
         opt = self.hparams.optimizer
-        optimizer = instantiate(opt)(params) if isinstance(opt, (dict, DictConfig)) else opt(params)
+        optimizer = instantiate(opt, _convert_="all")(params) if isinstance(opt, (dict, DictConfig)) else opt(params)
         if self.hparams.restore_optimizer and self.hparams.init_from:
             self._restore_optimizer(optimizer)
         sched = self.hparams.scheduler
         if sched is None:
             return optimizer
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 1000
-        scheduler = (instantiate(sched) if isinstance(sched, (dict, DictConfig)) else sched)(optimizer,
+        scheduler = (instantiate(sched, _convert_="all") if isinstance(sched, (dict, DictConfig)) else sched)(optimizer,
                                                                                              total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -67,7 +67,6 @@ class LossStack(nn.Module):
         self.stage = stage
         self.terms = nn.ModuleDict()
         self.weights: dict[str, TermWeights] = {}
-        self.schedules: dict[str, WeightSchedule | None] = {}
         self.passes: dict[str, tuple[str, ...]] = {}
         for name, spec in (terms or {}).items():
             if spec is None:

@@ -1,0 +1,300 @@
+"""``python -m agingnet.evaluate checkpoint=… data=<folder> [target_ages=[…]] [fid=true]``: quality per age.
+
+(``data=`` on the command line is the config key ``data_dir``; ``run_evaluation`` takes ``data_dir``.)
+
+For every image x of ``data`` (256 px, const noise, the identity blend of :mod:`agingnet.infer`) and target
+age t, with y = the aged output, and averaged over the images:
+
+* ``age_mae``  = mean |DEX(y) − t| (years), plus ``age_pred_mean``/``age_pred_std`` of DEX(y);
+* ``id_cos``   = mean ⟨f(y), f(x)⟩, f = IR-SE50 embedding of the identity crop (L2-normalized, SPEC §4);
+* ``lpips``    = mean LPIPS_alex(y, x);
+* optional ``fid`` / ``kid_mean`` / ``kid_std`` (torchmetrics) between the outputs at t and the inputs, on
+  Inception features (``fid_features=inception``: needs torch-fidelity and its weights, else skipped with
+  the reason) or on the IR-SE50 identity features (``fid_features=arcface``: offline, not comparable to
+  published FID).
+
+Writes ``metrics.csv``, ``metrics.json`` (rows, their mean, what was used and skipped) and ``metrics.md`` to
+``output_dir``. The networks are batched over images × ages (one DEX, IR-SE50 and LPIPS call per batch).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from agingnet.config import CONFIG_DIR, register_resolvers
+from agingnet.infer import (
+    SkipImage,
+    _age_list,
+    age_batch,
+    list_inputs,
+    load_face,
+    load_model,
+    select_device,
+    to_input,
+)
+from agingnet.losses.base import FrozenNets
+from agingnet.viz import save_text
+
+log = logging.getLogger("agingnet.evaluate")
+register_resolvers()
+
+COLUMNS = ("target_age", "n", "age_mae", "age_pred_mean", "age_pred_std", "id_cos", "id_cos_std", "lpips",
+           "fid", "kid_mean", "kid_std")
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+
+
+def _weights_or_random(kind: str, path: str | None, allow_random: bool) -> str | None:
+    """The path to load, or None for a random network (only with ``allow_random_nets``)."""
+    if path and Path(path).is_file():
+        return str(path)
+    if allow_random:
+        log.warning("weights.%s=%s not found: using a RANDOM %s (allow_random_nets=true; "
+                    "numbers are meaningless)", kind, path, kind)
+        return None
+    raise FileNotFoundError(f"weights.{kind}: no such file: {path} (or allow_random_nets=true for a demo)")
+
+
+def build_frozen(cfg: DictConfig, device: torch.device) -> tuple[FrozenNets, dict[str, str]]:
+    """IR-SE50, DEX and LPIPS from ``weights.*`` (random tiny ones with ``allow_random_nets``)."""
+    from agingnet.models import build_arcface, build_dex, build_lpips
+
+    allow = bool(cfg.get("allow_random_nets", False))
+    w = cfg.get("weights") or {}
+    rnd = OmegaConf.to_container(cfg.random_nets) if cfg.get("random_nets") else {}
+    arc_path = _weights_or_random("arcface", w.get("arcface"), allow)
+    dex_path = _weights_or_random("dex", w.get("dex"), allow)
+    arcface = build_arcface(path=arc_path) if arc_path else build_arcface(**rnd.get("arcface", {}))
+    dex = build_dex(path=dex_path) if dex_path else build_dex(**rnd.get("dex", {}))
+    lp = cfg.get("lpips_backbone_pretrained", "auto")
+    if lp == "auto":
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+        if hub.is_file():
+            lp = True
+        elif allow:
+            log.warning("%s not in the torch hub cache: LPIPS on a RANDOM AlexNet (allow_random_nets)", hub)
+            lp = False
+        else:
+            raise FileNotFoundError(f"LPIPS needs {hub} ($TORCH_HOME/hub/checkpoints): copy AlexNet's "
+                                    f"weights there, or set lpips_backbone_pretrained=false or "
+                                    f"allow_random_nets=true")
+    used = {"arcface": arc_path or "random", "dex": dex_path or "random",
+            "lpips": "alex v0.1" + ("" if lp else " (random backbone)")}
+    lpips = build_lpips(backbone_pretrained=bool(lp))
+    return FrozenNets(arcface=arcface, dex=dex, lpips=lpips).to(device), used
+
+
+class IdentityFeatures(nn.Module):
+    """torchmetrics feature extractor on IR-SE50: images in [0,1] → f(2x − 1) [B,D] (num_features = D)."""
+
+    def __init__(self, nets: FrozenNets, dim: int):
+        super().__init__()
+        self.nets, self.num_features = nets, int(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.nets.embed_face(x.float() * 2 - 1)
+
+
+def make_fid(cfg: DictConfig, nets: FrozenNets, n_images: int, dim: int) -> tuple[Any, Any, str]:
+    """(FID, KID, status) factories' first instances, or (None, None, "skipped: <why>")."""
+    if not cfg.get("fid", False):
+        return None, None, "off (fid=false)"
+    if n_images < 2:
+        return None, None, f"skipped: FID/KID need at least 2 images, got {n_images}"
+    kind = cfg.get("fid_features", "inception")
+    if kind not in ("inception", "arcface"):
+        raise ValueError(f"fid_features must be inception or arcface, got {kind!r}")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        feat: Any = 2048 if kind == "inception" else IdentityFeatures(nets, dim)
+        subset = max(2, min(int(cfg.get("kid_subset_size", 50)), n_images))
+        with warnings.catch_warnings():  # "KID keeps all features in a buffer": bounded by the data set
+            warnings.simplefilter("ignore", UserWarning)
+            fid = FrechetInceptionDistance(feature=feat, normalize=True, reset_real_features=False)
+            kid = KernelInceptionDistance(feature=feat, normalize=True, subset_size=subset,
+                                          reset_real_features=False)
+    except Exception as e:  # torch-fidelity missing (ModuleNotFoundError) or its weights not downloadable
+        msg = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        log.warning("FID/KID %s", msg)
+        return None, None, msg
+    return fid, kid, f"on ({kind} features, KID subset {subset})"
+
+
+def _mean_std(v: Tensor) -> tuple[float, float]:
+    return float(v.mean()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+
+
+def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
+    """Evaluate (module doc): writes the reports; returns {"rows": […], "mean": {…}, "meta": {…}}."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    for key in ("checkpoint", "data_dir", "output_dir"):
+        if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
+            raise ValueError(f"{key}= is required (python -m agingnet.evaluate checkpoint=… "
+                             f"data=<folder>)")
+    t0 = time.perf_counter()
+    ages = _age_list(cfg.target_ages)
+    bs = int(cfg.get("batch_size", 8))
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {bs}")
+    strength, strict = float(cfg.get("aging_strength", 1.0)), bool(cfg.get("strict_pose", False))
+    device = select_device(cfg.get("device", "auto"))
+    files = list_inputs(cfg.data_dir)
+    if cfg.get("max_images"):
+        files = files[: int(cfg.max_images)]
+    net = load_model(cfg.checkpoint, cfg.get("use_ema", "auto"), device)
+    in_size = int(getattr(net.encoder, "input_size", 256))
+    nets, used = build_frozen(cfg, device)
+    s_id = nets.id_input_size
+    dim = int(nets.arcface(torch.zeros(1, 3, s_id, s_id, device=device)).shape[-1])
+
+    skipped: list[dict[str, str]] = []
+    kept: list[Path] = []
+    per_age: dict[str, list[Tensor]] = {k: [] for k in ("pred", "cos", "lpips", "a_in")}
+    fid_pending: list[tuple[Tensor, Tensor]] = []  # (inputs [B,…], outputs [A,B,…]) in [0,1], for FID/KID
+
+    def flush(batch: list[tuple[Path, Tensor]]) -> None:
+        x = torch.stack([t for _, t in batch]).to(device)
+        b, a = x.shape[0], len(ages)
+        with torch.no_grad():
+            a_in = nets.predict_age(x).clamp(0, 100)
+            y = age_batch(net, x, ages, a_in, strength, strict, output_size=in_size)  # [A,B,3,S,S]
+            flat = y.flatten(0, 1)
+            pred = nets.predict_age(flat).view(a, b)
+            fx = nets.embed_face(x)
+            cos = (nets.embed_face(flat).view(a, b, -1) * fx.unsqueeze(0)).sum(-1)
+            lp = nets.lpips(flat, x.repeat(a, 1, 1, 1)).view(a, b)
+        per_age["pred"].append(pred.cpu())
+        per_age["cos"].append(cos.cpu())
+        per_age["lpips"].append(lp.cpu())
+        per_age["a_in"].append(a_in.cpu())
+        if cfg.get("fid", False):
+            fid_pending.append((((x + 1) / 2).cpu(), ((y + 1) / 2).cpu()))
+        kept.extend(p for p, _ in batch)
+
+    pending: list[tuple[Path, Tensor]] = []
+    with tqdm(total=len(files), unit="img", desc="evaluate", disable=not cfg.get("progress", True)) as bar:
+        for p in files:
+            try:
+                img, _ = load_face(p, int(cfg.get("min_size", 64)))
+            except SkipImage as e:
+                skipped.append({"file": p.name, "reason": str(e)})
+                bar.update(1)
+                continue
+            pending.append((p, to_input(img, in_size)))
+            if len(pending) == bs:
+                flush(pending)
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            flush(pending)
+            bar.update(len(pending))
+    if not kept:
+        raise ValueError(f"data={cfg.data_dir}: no usable image ({len(skipped)} skipped: "
+                         f"{'; '.join(s['file'] + ': ' + s['reason'] for s in skipped[:3])})")
+
+    pred, cos, lp = (torch.cat(per_age[k], dim=1) for k in ("pred", "cos", "lpips"))  # [A,N]
+    target = torch.tensor(ages, dtype=pred.dtype).unsqueeze(1)
+    mae = (pred - target).abs().mean(1)
+    fid_status = "off (fid=false)"
+    rows = []
+    for k, t in enumerate(ages):  # one row per target age
+        pm, ps = _mean_std(pred[k])
+        cm, cs = _mean_std(cos[k])
+        rows.append({"target_age": t, "n": len(kept), "age_mae": float(mae[k]), "age_pred_mean": pm,
+                     "age_pred_std": ps, "id_cos": cm, "id_cos_std": cs, "lpips": float(lp[k].mean()),
+                     "fid": None, "kid_mean": None, "kid_std": None})
+        fid, kid, fid_status = make_fid(cfg, nets, len(kept), dim)
+        if fid is None:
+            continue
+        for xin, yout in fid_pending:
+            fid.update(xin, real=True)
+            kid.update(xin, real=True)
+            fid.update(yout[k], real=False)
+            kid.update(yout[k], real=False)
+        km, ks = kid.compute()
+        rows[-1].update(fid=float(fid.compute()), kid_mean=float(km), kid_std=float(ks))
+
+    mean = {c: (sum(r[c] for r in rows) / len(rows) if all(r[c] is not None for r in rows) else None)
+            for c in COLUMNS if c not in ("target_age", "n")}
+    meta = {"checkpoint": str(cfg.checkpoint), "used_ema": bool(net.meta.get("used_ema", False)),
+            "data": str(cfg.data_dir), "n_images": len(kept), "skipped": skipped, "target_ages": ages,
+            "aging_strength": strength, "strict_pose": strict, "nets": used, "fid": fid_status,
+            "input_age_mean": float(torch.cat(per_age["a_in"]).mean()), "device": str(device),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    result = {"rows": rows, "mean": mean, "meta": meta}
+    write_reports(result, Path(cfg.output_dir))
+    print(format_markdown(result))
+    return result
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    """A markdown report: what was evaluated, then one table row per target age and the mean."""
+    m = result["meta"]
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    body = "".join("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n" for r in result["rows"])
+    mean = "| mean | " + " | ".join(_fmt(result["mean"].get(c)) for c in COLUMNS[1:]) + " |\n"
+    mean = mean.replace("| mean | – |", f"| mean | {m['n_images']} |", 1)
+    skipped = "".join(f"- skipped {s['file']}: {s['reason']}\n" for s in m["skipped"])
+    return (f"# agingnet evaluation\n\ncheckpoint `{m['checkpoint']}` (used_ema={int(m['used_ema'])}), data "
+            f"`{m['data']}`: {m['n_images']} images, aging_strength={m['aging_strength']}, "
+            f"strict_pose={m['strict_pose']}\n\nnetworks: IR-SE50 {m['nets']['arcface']}, "
+            f"DEX {m['nets']['dex']}, LPIPS {m['nets']['lpips']}; FID/KID {m['fid']}\n\n"
+            f"{head}{body}{mean}\n{skipped}")
+
+
+def write_reports(result: dict[str, Any], out: Path) -> dict[str, Path]:
+    """``metrics.csv`` (a row per target age), ``metrics.json`` and ``metrics.md``, written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for r in result["rows"]:
+        w.writerow({c: "" if r[c] is None else r[c] for c in COLUMNS})
+    return {"csv": save_text(buf.getvalue(), out / "metrics.csv"),
+            "json": save_text(json.dumps(result, indent=2) + "\n", out / "metrics.json"),
+            "md": save_text(format_markdown(result), out / "metrics.md")}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_evaluation(cfg)
+
+
+def main() -> None:
+    """Entry point. ``data`` names a config group of ``conf/``, so Hydra cannot take ``data=<folder>`` as a
+    value: the command line's ``data=…`` is passed on as ``data_dir=…`` (the config key)."""
+    sys.argv = [("data_dir=" + a[5:]) if a.startswith("data=") else a for a in sys.argv]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()
+
+
+__all__ = ["run_evaluation", "build_frozen", "make_fid", "write_reports", "format_markdown", "COLUMNS",
+           "IdentityFeatures"]

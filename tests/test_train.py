@@ -1,0 +1,114 @@
+"""The training spine end to end through tiny configs: the demo, checkpoints, TensorBoard, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agingnet.config import compose_config
+from agingnet.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_few_steps_writes_checkpoint_and_tensorboard(tmp_path):
+    out = tmp_path / "run"
+    cfg = compose_config(["experiment=demo", "trainer.max_steps=4", "val_interval=2"], output_dir=out)
+    result = train(cfg)
+    assert result["abs_step"] == 4
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "config.yaml").is_file()
+    m = result["metrics"]
+    for key in ("train/loss", "train/real/id", "train/cycle/l2", "train/real/roi_id/roi_pairs_eyes", "val/total",
+                "val/aging/mae"):
+        assert key in m and torch.isfinite(torch.tensor(m[key])), key
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4
+    # frozen encoders were never trained
+    net_keys = [k for k in ckpt["state_dict"] if k.startswith("net.pretrained_encoder.")]
+    assert net_keys
+
+
+def test_frozen_modules_stay_in_eval_and_outside_autograd(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_config(["experiment=demo"], output_dir=tmp_path)
+    module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
+    module.train()
+    assert module.net.decoder.training and not module.net.encoder.training
+    assert not module.net.pretrained_encoder.training and not module.frozen.training
+    assert all(p.requires_grad for p in module.net.decoder.parameters())
+    assert not any(p.requires_grad for p in module.net.encoder.parameters())
+    assert not any(p.requires_grad for p in module.frozen.parameters())
+    s1 = instantiate(compose_config(["experiment=demo", "stage=s1"], output_dir=tmp_path).model, loss=cfg.loss,
+                     _recursive_=False)
+    assert all(p.requires_grad for p in s1.net.encoder.parameters())
+    assert not any(p.requires_grad for p in s1.net.decoder.parameters())
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    keep = out / "checkpoints" / "best_model.pt"
+    keep.write_bytes(b"previous")
+    cfg = compose_config(["experiment=demo", "trainer.max_steps=1"], output_dir=out)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train(cfg)
+    assert keep.read_bytes() == b"previous"
+
+
+def test_missing_dataset_folder_is_named(tmp_path):
+    cfg = compose_config(["experiment=demo", "data=personal", f"paths.data_dir={tmp_path / 'nowhere'}",
+                          "trainer.max_steps=1"], output_dir=tmp_path / "run")
+    with pytest.raises(Exception, match="nowhere"):
+        train(cfg)
+
+
+def test_missing_init_from_is_named(tmp_path):
+    cfg = compose_config(["experiment=demo", f"init_from={tmp_path / 'base.pt'}"], output_dir=tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="base.pt"):
+        train(cfg)
+
+
+def test_cli_unknown_key_is_one_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "agingnet.train", "no_such_key=1", f"hydra.run.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0
+    assert "no_such_key" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_full(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "agingnet.train", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "run folder" in r.stdout
+
+
+def test_channels_last_and_bf16_autocast_run(tmp_path):
+    cfg = compose_config(["experiment=demo", "trainer.max_steps=2", "val_interval=2", "channels_last=true",
+                          "precision=bf16-mixed", "callbacks.image_logger=null"], output_dir=tmp_path / "run")
+    result = train(cfg)
+    assert result["abs_step"] == 2 and torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
+
+
+def test_validation_leaves_training_rng_untouched(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_config(["experiment=demo"], output_dir=tmp_path)
+    module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
+    gens = module.term_generators()
+    assert gens, "the demo's ROI and miner terms own generators"
+    before = [g.get_state().clone() for g in gens], torch.get_rng_state().clone()
+    module.on_validation_epoch_start()
+    torch.rand(10)
+    for g in gens:
+        torch.rand(3, generator=g)
+    module.on_validation_epoch_end()
+    assert all(torch.equal(a, g.get_state()) for a, g in zip(before[0], gens))
+    assert torch.equal(before[1], torch.get_rng_state())
