@@ -35,13 +35,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from agingnet.config import CONFIG_DIR, register_resolvers
 from agingnet.infer import (
-    SkipImage,
     _age_list,
     age_batch,
+    iter_batches,
     list_inputs,
     load_face,
     load_model,
@@ -188,23 +187,10 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
             fid_pending.append((((x + 1) / 2).cpu(), ((y + 1) / 2).cpu()))
         kept.extend(p for p, _ in batch)
 
-    pending: list[tuple[Path, Tensor]] = []
-    with tqdm(total=len(files), unit="img", desc="evaluate", disable=not cfg.get("progress", True)) as bar:
-        for p in files:
-            try:
-                img, _ = load_face(p, int(cfg.get("min_size", 64)))
-            except SkipImage as e:
-                skipped.append({"file": p.name, "reason": str(e)})
-                bar.update(1)
-                continue
-            pending.append((p, to_input(img, in_size)))
-            if len(pending) == bs:
-                flush(pending)
-                bar.update(len(pending))
-                pending = []
-        if pending:
-            flush(pending)
-            bar.update(len(pending))
+    min_size = int(cfg.get("min_size", 64))
+    for batch in iter_batches(files, lambda p: to_input(load_face(p, min_size)[0], in_size), bs, skipped, "evaluate",
+                              cfg.get("progress", True)):
+        flush(batch)
     if not kept:
         raise ValueError(f"data={cfg.data_dir}: no usable image ({len(skipped)} skipped: "
                          f"{'; '.join(s['file'] + ': ' + s['reason'] for s in skipped[:3])})")

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +286,28 @@ def _age_list(ages: Any, what: str = "target_ages") -> list[int]:
     return out
 
 
+def iter_batches(files: Sequence[Path], load: Callable[[Path], Any], batch_size: int, skipped: list[dict],
+                 desc: str, progress: bool = True) -> Iterator[list[tuple[Path, Any]]]:
+    """Yield ``[(path, load(path)), …]`` batches of ``batch_size`` (the last may be shorter) under one progress
+    bar; files whose ``load`` raises :class:`SkipImage` are recorded in ``skipped`` with the reason."""
+    pending: list[tuple[Path, Any]] = []
+    with tqdm(total=len(files), unit="img", desc=desc, disable=not progress) as bar:
+        for p in files:  # decoding and face detection are per file; the networks run per batch
+            try:
+                pending.append((p, load(p)))
+            except SkipImage as e:
+                skipped.append({"file": p.name, "reason": str(e)})
+                bar.update(1)
+                continue
+            if len(pending) == batch_size:
+                yield pending
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            yield pending
+            bar.update(len(pending))
+
+
 def run_inference(cfg: DictConfig | dict) -> dict[str, Any]:
     """Run the whole inference described in the module doc; returns (and writes) the summary dict."""
     cfg = _cfg(cfg)
@@ -359,27 +381,16 @@ def run_inference(cfg: DictConfig | dict) -> dict[str, Any]:
                 save_gif(frames, out / "gifs" / f"{name}.gif", duration_ms=int(cfg.get("gif_ms", 400)))
             processed.append(p.name)
 
-    pending: list[tuple[Path, Image.Image]] = []
-    with tqdm(total=len(files), unit="img", desc="aging", disable=not cfg.get("progress", True)) as bar:
-        for p in files:  # decoding files and face detection are per file; the networks run per batch
-            try:
-                if age_kind == "label":
-                    _label_age(p)
-                img, note = load_face(p, min_size, aligner)
-            except SkipImage as e:
-                skipped.append({"file": p.name, "reason": str(e)})
-                bar.update(1)
-                continue
-            if note:
-                notes[p.name] = note
-            pending.append((p, img))
-            if len(pending) == bs:
-                flush(pending)
-                bar.update(len(pending))
-                pending = []
-        if pending:
-            flush(pending)
-            bar.update(len(pending))
+    def load(p: Path) -> Image.Image:
+        if age_kind == "label":
+            _label_age(p)
+        img, note = load_face(p, min_size, aligner)
+        if note:
+            notes[p.name] = note
+        return img
+
+    for batch in iter_batches(files, load, bs, skipped, "aging", cfg.get("progress", True)):
+        flush(batch)
 
     summary = {
         "checkpoint": str(cfg.checkpoint), "used_ema": bool(net.meta.get("used_ema", False)),

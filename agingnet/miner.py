@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from agingnet.io import atomic_torch_save
 
 try:  # optional at import time: the torch backend needs nothing else
     import faiss  # type: ignore[import-not-found]
@@ -68,23 +69,6 @@ def parse_bin_key(key: str, source: str) -> int:
     if rem != 0 or hi != lo + BIN_SIZE - 1 or not 0 <= idx < N_BINS:
         raise ValueError(f"impostor bank {source}: bin key {key!r} is not one of 18-22, 23-27, …, 78-82")
     return idx
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the destination folder, fsync, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- bank

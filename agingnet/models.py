@@ -58,8 +58,8 @@ def load_or_build_aging_net(net_cfg: Mapping[str, Any], weights: Mapping[str, An
     if weights.get("stylegan2") and weights.get("psp"):
         dec = pretrained.load_stylegan2(weights["stylegan2"])
         pre = pretrained.load_psp_encoder(weights["psp"])
-        enc = GradualStyleEncoder(input_nc=4, n_styles=pre.n_styles, style_dim=dec.style_dim,
-                                  fork_variant=pre.fork_variant)
+        enc = GradualStyleEncoder(input_nc=4, n_styles=pre.n_styles, style_dim=pre.style_dim, widths=pre.widths,
+                                  units=pre.units, fork_variant=pre.fork_variant, input_size=pre.input_size)
         if weights.get("arcface"):
             pretrained.init_encoder_from_irse50(enc, weights["arcface"])
         bl = Blender(n_styles=dec.n_latent, style_dim=dec.style_dim) if net_cfg.get("use_blender") else None

@@ -76,6 +76,7 @@ class AgingModule(L.LightningModule):
         self.sampler = TargetAgeSampler(**_plain(sampler))
         self._set_trainable()
         self.nan_skips = 0
+        self.batches_seen = 0
         self.last_step_skipped = False
         self.using_ema = False  # set by the EMA callback while its shadow weights are swapped in
         self._gen = torch.Generator()
@@ -114,8 +115,10 @@ class AgingModule(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)
+        if self.channels_last:  # 4-D conv weights only (the modulated convs' weights are 5-D)
+            for m in self.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.to(memory_format=torch.channels_last)
 
     # ---------------------------------------------------------------- pieces of a step
     def _input_ages(self, batch: Mapping[str, Any]) -> Tensor:
@@ -141,6 +144,9 @@ class AgingModule(L.LightningModule):
         l_real, logs = self.loss(ctx)
         y_rec, codes_rec = self.net(self._prep(add_age_channel(y_hat.detach(), a)), noise_mode=noise_mode)
         ctx_c = LossContext(y_hat=y_rec, codes=codes_rec, input_ages=t, target_ages=a, pass_name="cycle", **common)
+        for cached in ("feat_y", "feat_x"):  # the frozen IR-SE50 embedding of the fixed input: computed once a step
+            if cached in ctx.__dict__:
+                ctx_c.__dict__[cached] = ctx.__dict__[cached]
         l_cycle, logs_c = self.loss(ctx_c)
         logs.update(logs_c)
         images = {"input": x.detach(), "output": y_hat.detach(), "cycle": y_rec.detach(),
@@ -151,6 +157,7 @@ class AgingModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
+        self.batches_seen += 1
         x = batch["image"]
         input_years = self._input_ages(batch)
         target_years, no_aging = self.sampler.sample(input_years.detach().cpu(), self._gen)
@@ -191,13 +198,7 @@ class AgingModule(L.LightningModule):
     # ---------------------------------------------------------------- validation
     def term_generators(self) -> list[torch.Generator]:
         """Private generators of the loss terms (ROI jitter, the miner's draws)."""
-        gens = []
-        for term in self.loss.terms.values():
-            for owner in (term, getattr(term, "_miner", None)):
-                g = getattr(owner, "generator", None)
-                if isinstance(g, torch.Generator):
-                    gens.append(g)
-        return gens
+        return [g for name, g in self._named_generators().items() if name != "target_ages"]
 
     def on_validation_epoch_start(self) -> None:
         """Deterministic validation: a fixed seed everywhere, and every RNG (global, CUDA, the loss terms')
@@ -255,17 +256,50 @@ class AgingModule(L.LightningModule):
                                      "output_age": out_age.detach(), "input_age": input_years.detach()}
 
     # ---------------------------------------------------------------- checkpoint state
+    def _named_generators(self) -> dict[str, torch.Generator]:
+        gens = {"target_ages": self._gen}
+        for name, term in self.loss.terms.items():
+            if isinstance(getattr(term, "generator", None), torch.Generator):
+                gens[f"{name}"] = term.generator
+            miner = getattr(term, "_miner", None)
+            if isinstance(getattr(miner, "generator", None), torch.Generator):
+                gens[f"{name}.miner"] = miner.generator
+        return gens
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Persist what Lightning does not: the target-age generator, the NaN-skip count, the step offset."""
-        checkpoint["agingnet"] = {"target_rng": self._gen.get_state(), "nan_skips": self.nan_skips,
-                                  "step_offset": self.step_offset, "stage": self.stage}
+        """Persist what Lightning does not, for an exact resume: every RNG a training step draws from (global
+        CPU/CUDA, target ages, ROI jitter, the miner), the batch count, NaN skips and the step offset."""
+        checkpoint["agingnet"] = {
+            "rng": {name: g.get_state() for name, g in self._named_generators().items()},
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "batches_seen": self.batches_seen, "nan_skips": self.nan_skips, "step_offset": self.step_offset,
+            "stage": self.stage,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("agingnet")
-        if state:
-            self._gen.set_state(state["target_rng"])
-            self.nan_skips = int(state["nan_skips"])
-            self.step_offset = int(state["step_offset"])
+        if not state:
+            return
+        self.batches_seen, self.nan_skips = int(state["batches_seen"]), int(state["nan_skips"])
+        self.step_offset = int(state["step_offset"])
+        self._pending_rng = state  # applied at train start, once lazily built terms (the miner) exist
+
+    def on_train_start(self) -> None:
+        state = getattr(self, "_pending_rng", None)
+        if state is None:
+            return
+        for term in self.loss.terms.values():
+            if hasattr(term, "_miner") and getattr(term, "_miner", None) is None and hasattr(term, "miner"):
+                term.miner  # noqa: B018 - build the lazily loaded miner so its generator can be restored
+        gens = self._named_generators()
+        for name, g_state in state["rng"].items():
+            if name in gens:
+                gens[name].set_state(g_state)
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._pending_rng = None
 
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self):

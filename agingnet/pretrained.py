@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from agingnet.io import atomic_torch_save
 from agingnet.nn.aging_net import AgingNet
 from agingnet.nn.blender import Blender
 from agingnet.nn.dex import DEX
@@ -292,25 +292,6 @@ def init_encoder_from_irse50(encoder: GradualStyleEncoder, path: str | os.PathLi
 
 
 # ---------------------------------------------------------------- export
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the target folder, fsync, then ``os.replace``: a kill mid-write
-    leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def export_state(net: AgingNet, ema: Mapping[str, Mapping[str, Tensor]] | None = None, ema_as_primary: bool = False,

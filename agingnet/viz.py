@@ -10,7 +10,6 @@ Every file is written atomically (temporary file in the target folder, then ``os
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from agingnet.io import atomic_write, atomic_write_text
 
 BAND_COLOUR = (24, 24, 24)
 TEXT_COLOUR = (240, 240, 240)
@@ -123,34 +124,15 @@ def age_strip(input_img: Tensor, outputs_by_age: Mapping[int, Tensor], input_lab
     return labelled_grid(cols, tile=tile, band=band)
 
 
-def _atomic_target(path: str | os.PathLike) -> tuple[Path, str]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return path, tmp
-
-
-def _commit(tmp: str, path: Path) -> Path:
-    os.replace(tmp, path)
-    return path
-
-
 def save_image(img: Image.Image | Tensor, path: str | os.PathLike, **save_kw) -> Path:
     """Write a PIL image (or a [3,H,W] tensor in [-1,1]) atomically; the format follows the suffix."""
     if isinstance(img, Tensor):
         img = to_pil(img)
-    path, tmp = _atomic_target(path)
+    path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
-        os.unlink(tmp)
         raise ValueError(f"{path}: unknown image suffix {path.suffix!r} (use .png, .jpg, .webp, …)")
-    try:
-        img.save(tmp, format=fmt, **save_kw)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return _commit(tmp, path)
+    return atomic_write(path, lambda f: img.save(f, format=fmt, **save_kw))
 
 
 def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, duration_ms: int = 400,
@@ -161,27 +143,10 @@ def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, duration_ms
     size = frames[0].size
     rgb = [f.convert("RGB") if f.size == size else f.convert("RGB").resize(size, Image.Resampling.BILINEAR)
            for f in frames]
-    path, tmp = _atomic_target(path)
-    try:
-        rgb[0].save(tmp, format="GIF", save_all=True, append_images=rgb[1:], duration=int(duration_ms),
-                    loop=int(loop))
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return _commit(tmp, path)
+    return atomic_write(path, lambda f: rgb[0].save(f, format="GIF", save_all=True, append_images=rgb[1:],
+                                                 duration=int(duration_ms), loop=int(loop)))
 
 
 def save_text(text: str, path: str | os.PathLike) -> Path:
     """Write UTF-8 text atomically (JSON, CSV, markdown reports)."""
-    path, tmp = _atomic_target(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return _commit(tmp, path)
-
-
-__all__ = ["to_uint8", "to_pil", "pil_to_tensor", "resize", "labelled_grid", "age_strip", "save_image",
-           "save_gif", "save_text", "band_height", "default_font"]
+    return atomic_write_text(text, path)

@@ -118,7 +118,6 @@ def test_every_data_option_instantiates(option, tmp_path):
 @pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "model"])
 def test_every_option_of_simple_groups_instantiates(group, tmp_path):
     import lightning as L
-
     import torch
 
     for option in options(group):

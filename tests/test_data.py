@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from agingnet.data import (
     AgingDataModule,
     FFHQFolderDataset,
     PersonalFolderDataset,
+    ResumableRandomSampler,
     SyntheticFaces,
     parse_age,
 )
@@ -325,6 +327,7 @@ def test_datamodule_batches_and_shuffle():
         batch_size=4,
         val_batch_size=2,
         seed=1,
+        resumable=False,
     )
     batches = list(dm.train_dataloader())
     assert len(batches) == 2  # 10 // 4 with drop_last
@@ -334,7 +337,8 @@ def test_datamodule_batches_and_shuffle():
     assert b["index"].dtype == torch.int64 and len(b["path"]) == 4
     order = torch.cat([x["index"] for x in batches]).tolist()
     assert len(set(order)) == 8 and order != sorted(order)
-    again = AgingDataModule(train=SyntheticFaces(n=10, size=32), batch_size=4, seed=1).train_dataloader()
+    again = AgingDataModule(train=SyntheticFaces(n=10, size=32), batch_size=4, seed=1,
+                            resumable=False).train_dataloader()
     assert torch.cat([x["index"] for x in again]).tolist() == order  # seeded shuffle
     ages = torch.tensor(SyntheticFaces(n=10).ages)
     assert torch.equal(b["age"], ages[b["index"]])
@@ -403,8 +407,31 @@ def test_datamodule_from_hydra_config():
 
 def test_datamodule_with_workers():
     dm = AgingDataModule(train=SyntheticFaces(n=6, size=32), batch_size=3, num_workers=1, seed=2)
-    idx = torch.cat([b["index"] for b in dm.train_dataloader()]).tolist()
+    idx = torch.cat([b["index"] for b in itertools.islice(dm.train_dataloader(), 2)]).tolist()
     assert sorted(idx) == list(range(6))
+
+
+def test_resumable_stream_is_a_pure_function_of_seed_and_position():
+    ds = SyntheticFaces(n=5, size=32, flip_p=0.5)
+    stream = list(itertools.islice(iter(ResumableRandomSampler(5, seed=3, flip_p=0.5)), 12))
+    assert sorted(i for i, _ in stream[:5]) == list(range(5)) and sorted(i for i, _ in stream[5:10]) == list(range(5))
+    assert stream[:5] != stream[5:10]  # a new permutation each epoch
+    assert list(itertools.islice(iter(ResumableRandomSampler(5, seed=3, flip_p=0.5, start=7)), 5)) == stream[7:]
+    flips = [f for _, f in stream]
+    assert any(flips) and not all(flips)
+    # the dataset applies the sampler's flip decision, not its own random draw
+    assert torch.equal(ds[(2, True)]["image"], ds[(2, False)]["image"].flip(-1))
+    assert torch.equal(ds.without_augmentation()[(2, True)]["image"], ds[(2, False)]["image"])
+
+
+def test_datamodule_state_resumes_the_stream():
+    dm = AgingDataModule(train=SyntheticFaces(n=6, size=32), batch_size=2, seed=4)
+    full = [b["index"].tolist() for b in itertools.islice(dm.train_dataloader(), 5)]
+    resumed = AgingDataModule(train=SyntheticFaces(n=6, size=32), batch_size=2, seed=4)
+    resumed.load_state_dict({"position": 4, "batch_size": 2})
+    assert [b["index"].tolist() for b in itertools.islice(resumed.train_dataloader(), 3)] == full[2:]
+    with pytest.raises(ValueError, match="batch_size=3"):
+        resumed.load_state_dict({"position": 4, "batch_size": 3})
 
 
 def test_datamodule_drives_a_lightning_fit():
@@ -434,6 +461,8 @@ def test_datamodule_drives_a_lightning_fit():
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
     )
     dm = AgingDataModule(train=SyntheticFaces(n=6, size=32), val=SyntheticFaces(n=3, size=32), batch_size=2)
     trainer.fit(probe, datamodule=dm)

@@ -1,6 +1,6 @@
 """Data layer (SPEC §3): datasets, the Lightning data module and the target-age sampler."""
 
-from agingnet.data.datamodule import AgingDataModule, collate_faces
+from agingnet.data.datamodule import AgingDataModule, ResumableRandomSampler, collate_faces
 from agingnet.data.datasets import (
     IMAGE_EXTENSIONS,
     FFHQFolderDataset,
@@ -16,6 +16,7 @@ __all__ = [
     "FFHQFolderDataset",
     "IMAGE_EXTENSIONS",
     "PersonalFolderDataset",
+    "ResumableRandomSampler",
     "SyntheticFaces",
     "TargetAgeSampler",
     "collate_faces",

@@ -12,9 +12,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-__all__ = ["AgingDataModule", "collate_faces"]
+__all__ = ["AgingDataModule", "ResumableRandomSampler", "collate_faces"]
 
 
 def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -22,6 +22,38 @@ def collate_faces(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch = default_collate(items)
     batch["age"] = batch["age"].to(torch.float32)
     return batch
+
+
+class ResumableRandomSampler(Sampler):
+    """An endless, resumable stream of ``(index, flip)`` for step-based training.
+
+    Position p (samples drawn so far) maps to epoch e = p // n and offset p % n; epoch e's permutation and flip
+    draws come from a generator seeded with (seed, e), so the stream is a pure function of (seed, p): a resume
+    that restarts at p continues exactly where the interrupted run was. (Lightning restarts a plain DataLoader's
+    epoch on resume; torch's RandomSampler has no position state.)
+    """
+
+    def __init__(self, n: int, seed: int, flip_p: float = 0.5, start: int = 0):
+        if n < 1:
+            raise ValueError("ResumableRandomSampler needs a non-empty dataset")
+        self.n, self.seed, self.flip_p, self.start = int(n), int(seed), float(flip_p), int(start)
+
+    def epoch(self, e: int) -> tuple[list[int], list[bool]]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + e) % 2**63)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        flips = (torch.rand(self.n, generator=g) < self.flip_p).tolist()
+        return perm, flips
+
+    def __iter__(self):
+        p = self.start
+        cached = (-1, ([], []))
+        while True:
+            e, off = divmod(p, self.n)
+            if cached[0] != e:
+                cached = (e, self.epoch(e))
+            perm, flips = cached[1]
+            yield perm[off], flips[off]
+            p += 1
 
 
 def _unaugmented(ds: Dataset, role: str) -> Dataset:
@@ -44,6 +76,8 @@ class AgingDataModule(L.LightningDataModule):
         drop_last: drop the last partial training batch.
         seed: seed of the shuffling generator; ``None`` derives it from ``torch.initial_seed()`` (which
             ``seed_everything`` sets) when the loader is built.
+        resumable: train from an endless :class:`ResumableRandomSampler` stream (step-based training; a resume
+            continues at the same sample); ``False``: a plain shuffled loader with epochs.
     """
 
     def __init__(
@@ -57,6 +91,7 @@ class AgingDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         drop_last: bool = True,
         seed: int | None = None,
+        resumable: bool = True,
     ):
         super().__init__()
         for name, v in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
@@ -70,6 +105,7 @@ class AgingDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.drop_last, self.seed = bool(drop_last), seed
+        self.resumable, self._start = bool(resumable), 0
 
     def _loader(
         self,
@@ -101,9 +137,26 @@ class AgingDataModule(L.LightningDataModule):
                 f"AgingDataModule: train dataset has {n} images, fewer than batch_size="
                 f"{self.batch_size} with drop_last=True (no batch would be produced)"
             )
-        seed = self.seed if self.seed is not None else torch.initial_seed()
-        gen = torch.Generator().manual_seed(int(seed) % 2**63)
-        return self._loader(self.train_set, self.batch_size, True, self.drop_last, gen)
+        seed = int(self.seed if self.seed is not None else torch.initial_seed()) % 2**63
+        if not self.resumable:
+            gen = torch.Generator().manual_seed(seed)
+            return self._loader(self.train_set, self.batch_size, True, self.drop_last, gen)
+        sampler = ResumableRandomSampler(n, seed, getattr(self.train_set, "flip_p", 0.0), start=self._start)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+                          collate_fn=collate_faces, generator=torch.Generator().manual_seed(seed))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position (samples consumed by finished training steps), for exact resume."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        seen = int(getattr(module, "batches_seen", 0))
+        return {"position": seen * self.batch_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state.get("batch_size", self.batch_size)) != self.batch_size:
+            raise ValueError(f"resume: the checkpoint was trained with batch_size={state['batch_size']}, "
+                             f"the config has {self.batch_size}")
+        self._start = int(state.get("position", 0))
 
     def val_dataloader(self) -> DataLoader | list:
         """Fixed order, no flips, every sample kept; an empty list when no val dataset is configured."""

@@ -92,14 +92,23 @@ class _FaceDataset(Dataset):
     train: bool
     flip_p: float
 
-    def _item(self, img: Image.Image | np.ndarray, age: float, path: str, index: int) -> dict:
+    @staticmethod
+    def _split_index(index: int | tuple[int, bool]) -> tuple[int, bool | None]:
+        """Items are addressed by an int, or by ``(int, flip)`` when the sampler decides the flip (resumable)."""
+        if isinstance(index, tuple):
+            return int(index[0]), bool(index[1])
+        return index, None
+
+    def _item(self, img: Image.Image | np.ndarray, age: float, path: str, index: int, flip: bool | None = None) -> dict:
         if isinstance(img, Image.Image) and img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BILINEAR)
         x = _to_tensor(img)
         assert x.shape == (3, self.size, self.size), (
             f"{path}: image tensor {tuple(x.shape)} != (3, {self.size}, {self.size})"
         )
-        if self.train and self.flip_p > 0 and bool(torch.rand(()) < self.flip_p):
+        if flip is None:
+            flip = self.flip_p > 0 and bool(torch.rand(()) < self.flip_p)
+        if self.train and flip:
             x = x.flip(-1)
         return {"image": x, "age": float(age), "path": path, "index": int(index)}
 
@@ -138,12 +147,13 @@ class _FolderDataset(_FaceDataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, bool]) -> dict:
+        index, flip = self._split_index(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images in {self.root}")
         index %= len(self)
         path = self.paths[index]
-        return self._item(load_rgb(path), self.ages[index], str(path), index)
+        return self._item(load_rgb(path), self.ages[index], str(path), index, flip)
 
     def _hash_files(self, h: hashlib._Hash) -> None:
         h.update(f"{type(self).__name__}|size={self.size}\n".encode())
@@ -291,11 +301,12 @@ class SyntheticFaces(_FaceDataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, bool]) -> dict:
+        index, flip = self._split_index(index)
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for SyntheticFaces(n={self.n})")
         index %= self.n
-        return self._item(self.render(index), self.ages[index], f"synthetic://{index}", index)
+        return self._item(self.render(index), self.ages[index], f"synthetic://{index}", index, flip)
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the generator parameters and drawing version."""

@@ -74,7 +74,7 @@ class LossStack(nn.Module):
             spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
             if "_target_" not in spec:
                 raise ValueError(f"loss term {name!r} has no _target_")
-            unknown_stage = set((spec.get("stage_weights") or {})) - set(STAGES)
+            unknown_stage = set(spec.get("stage_weights") or {}) - set(STAGES)
             if unknown_stage:
                 raise ValueError(f"loss term {name!r}: unknown stage(s) in stage_weights: {sorted(unknown_stage)}")
             tw = TermWeights(**{k: spec[k] for k in REGISTRY_KEYS if k in spec and k != "passes"})

@@ -87,7 +87,7 @@ class ROIIDLoss(LossTerm):
             assert f_s.shape == f_g.shape and f_s.shape[0] == n, f"embed_crops returned {tuple(f_g.shape)}"
             dist = 1 - F.cosine_similarity(f_g, f_s, dim=1)
             value = dist.mean()
-            per_pair = y_hat.new_zeros(mask.shape).masked_scatter(mask, dist.detach())
+            per_pair = y_hat.new_zeros(mask.shape, dtype=dist.dtype).masked_scatter(mask, dist.detach())
         stats = {"landmark_failures": failures, "value": float(value.detach())}
         for r, (region, m) in enumerate(zip(self.regions, masks)):
             k = float(m.sum())

@@ -136,8 +136,10 @@ class GradualStyleEncoder(nn.Module):
         super().__init__()
         if len(widths) != 4 or len(units) != 4:
             raise ValueError("GradualStyleEncoder needs 4 stages (widths and units of length 4)")
+        if widths[3] != style_dim:
+            raise ValueError(f"the last stage width ({widths[3]}) must equal style_dim ({style_dim})")
         self.input_nc, self.n_styles, self.fork_variant = input_nc, n_styles, fork_variant
-        self.input_size = input_size
+        self.widths, self.units, self.style_dim, self.input_size = tuple(widths), tuple(units), style_dim, input_size
         first_stride = 1 if fork_variant else 2
         self.input_layer = make_input_layer(input_nc, widths[0])
         self.body = make_body(widths, units, first_stride)
@@ -152,8 +154,6 @@ class GradualStyleEncoder(nn.Module):
         )
         self.latlayer1 = nn.Conv2d(widths[2], style_dim, 1)
         self.latlayer2 = nn.Conv2d(widths[1], style_dim, 1)
-        if widths[3] != style_dim:
-            raise ValueError(f"the last stage width ({widths[3]}) must equal style_dim ({style_dim})")
 
     def forward(self, x: Tensor) -> Tensor:
         assert x.ndim == 4 and x.shape[1] == self.input_nc, (

@@ -1,0 +1,221 @@
+"""The fork's run log ``checkpoints/timestamp.txt`` and a machine-readable ``metrics.jsonl`` (SPEC §8).
+
+Lines (users grep the prefixes; each is produced by one pure function below):
+
+    phase3: fixed_age=40 jitter=2 miner_window=[38,42] lr=1.5e-05 resume=<init_from|none> step=<abs step>
+    used_ema=1 id=0.134 lpips=0.134 l2=0.009 step=59000            (after every validation)
+    mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.301 p75≈0.35 p90≈0.41   (contrastive_id present)
+    roi: pairs_eyes=2 pairs_mouth=2                                   (roi_id present)
+    AGE-LOCK: output age 45.1 outside [38,42]                         (val in_window < 1)
+    **Best**: Step - 59000, Loss - 0.373                              (new lowest ``monitor``)
+    {"total": 0.373, "real/id": 0.134, ...}                           (the validation metrics of that best)
+    PHASE3: plateau step=N best_step=M id_min_step=K                  (written by PlateauCallback)
+
+Miner and ROI figures are means over the training steps since the previous validation (validation passes run the
+losses too and would overwrite ``last_stats``). ``metrics.jsonl`` gets one JSON object per validation: ``step``
+(the fork's absolute step), ``global_step``, every ``val/*`` metric, ``used_ema``, ``best``, the interval means
+``mb/<stat>``, ``roi/<stat>`` and ``train/real/id_mean``. Every write appends and flushes; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from agingnet.callbacks.ema import find_ema
+
+# ---------------------------------------------------------------- pure line formats
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(v.detach().cpu()) if torch.is_tensor(v) else float(v)
+    return v
+
+
+def format_phase3_line(fixed_age: int | None, jitter: int, window: Sequence[int] | None, lr: float,
+                       resume: str | None, step: int) -> str:
+    """``phase3: fixed_age=40 jitter=2 miner_window=[38,42] lr=1.5e-05 resume=… step=…``."""
+    fa = "none" if fixed_age is None else str(int(fixed_age))
+    win = "none" if window is None else f"[{int(window[0])},{int(window[1])}]"
+    return (f"phase3: fixed_age={fa} jitter={int(jitter or 0)} miner_window={win} lr={float(lr):g} "
+            f"resume={resume or 'none'} step={int(step)}")
+
+
+def format_eval_line(used_ema: bool | float, id_: float, lpips: float, l2: float, step: int | None = None) -> str:
+    """``used_ema=1 id=0.134 lpips=0.134 l2=0.009`` (3 decimals, as the fork) plus `` step=N``."""
+    s = f"used_ema={int(round(float(used_ema)))} id={id_:.3f} lpips={lpips:.3f} l2={l2:.3f}"
+    return s if step is None else f"{s} step={int(step)}"
+
+
+def format_mb_line(profile: str, stats: Mapping[str, float], k: int | None = None,
+                   band: Sequence[float] | None = None) -> str:
+    """``mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.301 p75≈0.35 p90≈0.41``; k and band come
+    from the stats (``k_effective``, ``band_min``/``band_max``) when present, else from the arguments."""
+    kk = stats.get("k_effective", k)
+    lo, hi = (stats["band_min"], stats["band_max"]) if "band_min" in stats and "band_max" in stats else (
+        band if band is not None else (math.nan, math.nan))
+    kstr = "?" if kk is None else str(int(round(float(kk))))
+    return (f"mb: prof={profile} k={kstr} band=[{lo:.2f},{hi:.2f}] cand≈{stats.get('candidate_count', math.nan):.1f} "
+            f"simμ≈{stats.get('sim_mean', math.nan):.3f} p75≈{stats.get('sim_p75', math.nan):.2f} "
+            f"p90≈{stats.get('sim_p90', math.nan):.2f}")
+
+
+def format_roi_line(stats: Mapping[str, float]) -> str:
+    """``roi: pairs_eyes=2 pairs_mouth=2`` from ``roi_pairs_<region>`` values (``:g``, means may be fractional)."""
+    parts = [f"pairs_{k[len('roi_pairs_'):]}={float(v):.3g}" for k, v in stats.items() if k.startswith("roi_pairs_")]
+    return "roi: " + " ".join(parts)
+
+
+def format_age_lock_line(output_age: float, window: Sequence[int]) -> str:
+    """``AGE-LOCK: output age 45.1 outside [38,42]``."""
+    return f"AGE-LOCK: output age {float(output_age):.1f} outside [{int(window[0])},{int(window[1])}]"
+
+
+def format_best_lines(step: int, loss: float, metrics: Mapping[str, float]) -> list[str]:
+    """``**Best**: Step - N, Loss - 0.373`` and the metrics dict (``val/`` stripped, 6 significant digits)."""
+    d = {k[4:] if k.startswith("val/") else k: float(f"{float(v):.6g}") for k, v in sorted(metrics.items())}
+    return [f"**Best**: Step - {int(step)}, Loss - {float(loss):.3f}", json.dumps(d)]
+
+
+def format_plateau_line(step: int, best_step: int | None, id_min_step: int | None) -> str:
+    """``PHASE3: plateau step=N best_step=M id_min_step=K``."""
+    return f"PHASE3: plateau step={int(step)} best_step={best_step} id_min_step={id_min_step}"
+
+
+# ---------------------------------------------------------------- helpers reading the module
+
+
+def _terms(pl_module: Any) -> Mapping[str, Any]:
+    terms = getattr(getattr(pl_module, "loss", None), "terms", None)
+    return terms if terms is not None else {}
+
+
+def _miner_window(pl_module: Any) -> tuple[int, int] | None:
+    terms = _terms(pl_module)
+    term = terms["contrastive_id"] if "contrastive_id" in terms else None
+    if term is not None and hasattr(term, "apply_min_age"):
+        return int(round(term.apply_min_age)), int(round(term.apply_max_age))
+    sampler = getattr(pl_module, "sampler", None)
+    return getattr(sampler, "window", None)
+
+
+class RunLogCallback(Callback):
+    """Appends the fork's lines to ``dirpath/filename`` and one JSON object per validation to
+    ``dirpath/metrics_file`` (see the module docstring)."""
+
+    def __init__(self, dirpath: str, filename: str = "timestamp.txt", metrics_file: str = "metrics.jsonl",
+                 monitor: str = "val/total"):
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self.path, self.metrics_path = self.dirpath / filename, self.dirpath / metrics_file
+        self.monitor = monitor
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self._acc: dict[str, list[float]] = defaultdict(list)
+        self._rank0 = True
+
+    # ---------------------------------------------------------------- writing
+    def write_line(self, line: str) -> None:
+        """Append one line (flushed) to the run log."""
+        if not self._rank0:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+
+    def write_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON object (flushed) to ``metrics.jsonl``."""
+        if not self._rank0:
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(record), sort_keys=True) + "\n")
+            f.flush()
+
+    # ---------------------------------------------------------------- hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._rank0 = bool(getattr(trainer, "is_global_zero", True))
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        sampler = getattr(pl_module, "sampler", None)
+        hp = getattr(pl_module, "hparams", {})
+        opt = hp.get("optimizer") if isinstance(hp, Mapping) else None
+        lr = opt.get("lr", math.nan) if isinstance(opt, Mapping) else math.nan
+        self.write_line(format_phase3_line(getattr(sampler, "fixed_age", None), getattr(sampler, "jitter", 0),
+                                           _miner_window(pl_module), lr,
+                                           hp.get("init_from") if isinstance(hp, Mapping) else None,
+                                           int(getattr(pl_module, "abs_step", trainer.global_step))))
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        terms = _terms(pl_module)
+        for name, prefix in (("contrastive_id", "mb/"), ("roi_id", "roi/")):
+            if name in terms:
+                for k, v in (getattr(terms[name], "last_stats", None) or {}).items():
+                    if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                        self._acc[prefix + k].append(float(v))
+        tid = trainer.callback_metrics.get("train/real/id")
+        if tid is not None:
+            self._acc["train/real/id_mean"].append(float(_num(tid)))
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if getattr(trainer, "sanity_checking", False):
+            return
+        ema = find_ema(trainer)
+        if ema is not None:
+            ema.restore(pl_module)
+        step = int(getattr(pl_module, "abs_step", trainer.global_step))
+        val = {k: _num(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith("val/") and (not torch.is_tensor(v) or v.numel() == 1)}
+        means = {k: sum(v) / len(v) for k, v in self._acc.items() if v}
+        self._acc.clear()
+        used = val.get("val/used_ema", float(getattr(pl_module, "using_ema", False)))
+        self.write_line(format_eval_line(used, val.get("val/real/id", math.nan), val.get("val/real/lpips", math.nan),
+                                         val.get("val/real/l2", math.nan), step))
+        terms = _terms(pl_module)
+        if "contrastive_id" in terms:
+            t = terms["contrastive_id"]
+            cfg = getattr(t, "cfg", None)
+            mb = {k[3:]: v for k, v in means.items() if k.startswith("mb/")}
+            self.write_line(format_mb_line(str(getattr(t, "profile", "?")), mb, getattr(cfg, "k", None),
+                                           (getattr(cfg, "min_sim", math.nan), getattr(cfg, "max_sim", math.nan))))
+        if "roi_id" in terms:
+            roi = {k[4:]: v for k, v in means.items() if k.startswith("roi/roi_pairs_")}
+            if not roi:
+                roi = {k: v for k, v in (getattr(terms["roi_id"], "last_stats", None) or {}).items()
+                       if k.startswith("roi_pairs_")}
+            self.write_line(format_roi_line(roi))
+        window = getattr(getattr(pl_module, "sampler", None), "window", None)
+        in_win = val.get("val/aging/in_window")
+        if window is not None and in_win is not None and in_win < 1.0:
+            self.write_line(format_age_lock_line(val.get("val/aging/output_age", math.nan), window))
+        score = val.get(self.monitor)
+        is_best = score is not None and math.isfinite(score) and (self.best is None or score < self.best)
+        if is_best:
+            self.best, self.best_step = score, step
+            for line in format_best_lines(step, score, val):
+                self.write_line(line)
+        record = {"step": step, "global_step": int(trainer.global_step), "time": time.time(),
+                  "used_ema": int(round(used)), "best": bool(is_best), **val, **means}
+        self.write_metrics(record)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.best_step = state_dict.get("best"), state_dict.get("best_step")
+
+
+def find_run_log(trainer: Any) -> RunLogCallback | None:
+    """The trainer's :class:`RunLogCallback`, if any."""
+    return next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, RunLogCallback)), None)

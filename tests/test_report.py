@@ -1,0 +1,78 @@
+"""agingnet.report on hand-written run folders: criteria verdicts, snapshots, comparison, files written."""
+
+import json
+
+import pytest
+
+from agingnet import report
+
+
+def _run(tmp_path, name, ids, in_window=1.0, plateau=True, ema=1, pairs=2.0, age_lock=False):
+    ck = tmp_path / name / "checkpoints"
+    ck.mkdir(parents=True)
+    lines = ["phase3: fixed_age=40 jitter=2 miner_window=[38,42] lr=1.5e-05 resume=/b.pt step=50500"]
+    recs, best = [], None
+    for i, v in enumerate(ids):
+        step = 51000 + 500 * i
+        total = 0.3 + v
+        lines.append(f"used_ema={ema} id={v:.3f} lpips=0.134 l2=0.009 step={step}")
+        rec = {"step": step, "val/total": total, "val/real/id": v, "val/real/lpips": 0.134, "val/real/l2": 0.009,
+               "val/real/w_norm": 37.0, "val/aging/in_window": in_window, "used_ema": ema,
+               "roi/roi_pairs_eyes": pairs, "roi/roi_pairs_mouth": 2.0}
+        if age_lock and i == 1:
+            lines.append("AGE-LOCK: output age 45.1 outside [38,42]")
+        if best is None or total < best:
+            best = total
+            lines += [f"**Best**: Step - {step}, Loss - {total:.3f}", json.dumps({"total": total})]
+            rec["best"] = True
+        if plateau and i == 2:
+            lines.append(f"PHASE3: plateau step={step} best_step=51000 id_min_step=51000")
+        recs.append(rec)
+    (ck / "timestamp.txt").write_text("\n".join(lines) + "\n")
+    (ck / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return tmp_path / name
+
+
+def test_identity_trend_definition():
+    # rolling means (w=3) of [0.20, 0.19, 0.18, 0.17, 0.18]: 0.19, 0.18, 0.1767 → non-increasing
+    ok, detail = report.identity_trend([0.20, 0.19, 0.18, 0.17, 0.18])
+    assert ok and "w=3" in detail
+    # [0.15, 0.14, 0.16, 0.17]: w=3 → 0.15, 0.1567: rise 0.0067 > 1 % of 0.15 = 0.0015
+    assert report.identity_trend([0.15, 0.14, 0.16, 0.17])[0] is False
+    assert report.identity_trend([0.15, 0.14, 0.16, 0.17], tol=0.05)[0] is True  # 0.0067 ≤ 0.0075
+    assert report.identity_trend([0.1])[0] is None
+    assert report.rolling_means([1, 2, 3, 4], 2) == [1.5, 2.5, 3.5]
+
+
+def test_passing_run(tmp_path):
+    run = report.load_run(_run(tmp_path, "good", [0.20, 0.19, 0.18, 0.17]))
+    verdicts = {name: ok for name, ok, _ in report.criteria(run)}
+    assert verdicts == {"age lock": True, "plateau markers": True, "identity trend": True, "roi pairs > 0": True,
+                        "used_ema=1": True}
+    snaps = report.best_snapshots(run)
+    assert snaps[0] == "51.0k: loss≈0.5; id≈0.2; lpips≈0.134; l2≈0.009; w_norm≈37; used_ema=1"
+    assert len(snaps) == 4 and snaps[-1].startswith("52.5k: loss≈0.47;")
+
+
+def test_failing_run(tmp_path):
+    run = report.load_run(_run(tmp_path, "bad", [0.15, 0.14, 0.16, 0.17], in_window=0.5, plateau=False, ema=0,
+                               pairs=0.0, age_lock=True))
+    verdicts = {name: ok for name, ok, _ in report.criteria(run)}
+    assert not any(verdicts.values())
+
+
+def test_cli_two_runs_writes_markdown_and_png(tmp_path, capsys):
+    a = _run(tmp_path, "a", [0.20, 0.19, 0.18])
+    b = _run(tmp_path, "b", [0.25, 0.22, 0.21])
+    out = tmp_path / "rep"
+    assert report.main([str(a), str(b), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert capsys.readouterr().out.strip() == text.strip()
+    assert "| a | 0.48 | 52000 | 0.18 |" in text and "| b | 0.51 | 52000 | 0.21 |" in text
+    assert "Best validation snapshots" in text and "| age lock | PASS |" in text
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_files_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="timestamp.txt: missing"):
+        report.load_run(tmp_path)
