@@ -63,6 +63,7 @@ def test_phase3_entry002_carries_every_seed_flag(tmp_path):
         ("decoder", 0.999, True)
     assert cfg.init_from.endswith("full_training_run/00070/checkpoints/best_model.pt")
     assert cfg.model.net.use_blender is False
+    assert cfg.callbacks.fork_export.latest_link.endswith("/_latest_phase3")
 
 
 def test_entry001_differs_in_base_and_regions(tmp_path):

@@ -41,7 +41,7 @@ def test_files_and_link(run):
     assert {"best_model.pt", "phase3_best_ema.pt", "phase3_last.pt", "iteration_3.pt", "iteration_6.pt",
             "timestamp.txt", "metrics.jsonl", "last.ckpt"} <= names
     assert result["abs_step"] == 6
-    link = Path(cfg.paths.log_dir) / f"_latest_{cfg.task_name}"
+    link = Path(cfg.paths.log_dir) / "_latest_phase3"  # the fork's experiments/_latest_phase3
     assert link.is_symlink() and Path(os.readlink(link)) == out.resolve()
     last = torch.load(ck / "phase3_last.pt", weights_only=True)
     assert last["global_step"] == 6 and last["opts"]["stage"] == "p3" and last["opts"]["target_age_fixed"] == 40

@@ -106,3 +106,9 @@ def test_non_rank_zero_writes_nothing(tmp_path):
     cb.setup(tr, pl, "fit")
     cb.on_fit_start(tr, pl)
     assert not (tmp_path / "ck" / "timestamp.txt").exists()
+
+
+def test_mb_line_when_the_window_was_never_active():
+    line = format_mb_line("soft060", {"candidate_count": float("nan"), "sim_mean": float("nan")}, k=48,
+                          band=(0.25, 0.60))
+    assert line == "mb: prof=soft060 k=48 band=[0.25,0.60] cand≈n/a simμ≈n/a p75≈n/a p90≈n/a"

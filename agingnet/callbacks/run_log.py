@@ -64,10 +64,14 @@ def format_mb_line(profile: str, stats: Mapping[str, float], k: int | None = Non
     kk = stats.get("k_effective", k)
     lo, hi = (stats["band_min"], stats["band_max"]) if "band_min" in stats and "band_max" in stats else (
         band if band is not None else (math.nan, math.nan))
-    kstr = "?" if kk is None else str(int(round(float(kk))))
-    return (f"mb: prof={profile} k={kstr} band=[{lo:.2f},{hi:.2f}] cand≈{stats.get('candidate_count', math.nan):.1f} "
-            f"simμ≈{stats.get('sim_mean', math.nan):.3f} p75≈{stats.get('sim_p75', math.nan):.2f} "
-            f"p90≈{stats.get('sim_p90', math.nan):.2f}")
+    kstr = "?" if kk is None or math.isnan(float(kk)) else str(int(round(float(kk))))
+
+    def num(key: str, fmt: str) -> str:  # "n/a": the contrastive window was never active in the interval
+        v = float(stats.get(key, math.nan))
+        return "n/a" if math.isnan(v) else format(v, fmt)
+
+    return (f"mb: prof={profile} k={kstr} band=[{lo:.2f},{hi:.2f}] cand≈{num('candidate_count', '.1f')} "
+            f"simμ≈{num('sim_mean', '.3f')} p75≈{num('sim_p75', '.2f')} p90≈{num('sim_p90', '.2f')}")
 
 
 def format_roi_line(stats: Mapping[str, float]) -> str:
