@@ -52,7 +52,7 @@ class AgingModule(L.LightningModule):
                  input_age: str = "dex", train_noise: str = "random", init_from: str | None = None,
                  init_use_ema: bool = False, restore_optimizer: bool = False, channels_last: bool = False,
                  val_seed: int = 1234, val_target_ages: list[int] | None = None, image_interval: int = 500,
-                 nan_guard: bool = True, image_rows: int = 4):
+                 nan_guard: bool = True, cache_frozen: bool = True):
         super().__init__()
         # plain containers only: the .ckpt stays readable with torch.load(weights_only=True)
         args = dict(locals())
@@ -82,6 +82,7 @@ class AgingModule(L.LightningModule):
         self._gen = torch.Generator()
         self._gen.manual_seed(int(val_seed) + 1)
         self._last_images: dict[str, Tensor] = {}
+        self._frozen_cache: dict[tuple[str, str, bool], Tensor] = {}
 
     # ---------------------------------------------------------------- structure
     @property
@@ -121,25 +122,63 @@ class AgingModule(L.LightningModule):
                     m.to(memory_format=torch.channels_last)
 
     # ---------------------------------------------------------------- pieces of a step
-    def _input_ages(self, batch: Mapping[str, Any]) -> Tensor:
+    def _cache_keys(self, batch: Mapping[str, Any]) -> list[tuple[str, bool]] | None:
+        """(path, flipped) per sample: the input image is a pure function of it (resize + optional flip)."""
+        if not self.hparams.cache_frozen or "path" not in batch or "flipped" not in batch:
+            return None
+        flipped = batch["flipped"]
+        flipped = flipped.tolist() if torch.is_tensor(flipped) else list(flipped)
+        return list(zip(batch["path"], map(bool, flipped)))
+
+    def cached_frozen(self, kind: str, keys: list[tuple[str, bool]] | None, x: Tensor, fn) -> Tensor:
+        """``fn(x)`` (a frozen network on the input images) memoized per sample by (kind, path, flipped): each
+        image's DEX age and IR-SE50 embedding are computed once per run instead of at every step."""
+        if keys is None:
+            with torch.no_grad():
+                return fn(x)
+        cache = self._frozen_cache
+        miss = [i for i, k in enumerate(keys) if (kind, *k) not in cache]
+        if miss:
+            with torch.no_grad():
+                out = fn(x[miss]).float()
+            for j, i in enumerate(miss):
+                cache[(kind, *keys[i])] = out[j]
+        return torch.stack([cache[(kind, *k)] for k in keys]).to(x.device)
+
+    def cached_landmarks(self, detector, keys: list[tuple[str, bool]] | None, x: Tensor) -> tuple[Tensor, Tensor]:
+        """68 landmarks of the input images (ROI-ID's source side), memoized like :meth:`cached_frozen`."""
+        def packed(xs: Tensor) -> Tensor:
+            pts, valid = detector(xs)
+            return torch.cat([pts.flatten(1).float(), valid.float()[:, None]], dim=1)
+
+        out = self.cached_frozen(f"landmarks:{type(detector).__name__}", keys, x, packed)
+        return out[:, :-1].reshape(-1, 68, 2), out[:, -1] > 0.5
+
+    def _input_ages(self, batch: Mapping[str, Any], keys: list[tuple[str, bool]] | None = None) -> Tensor:
         x = batch["image"]
         age = batch.get("age")
         if self.input_age == "label" and age is not None and not torch.isnan(age).any():
             return age.to(x.device, x.dtype)
-        with torch.no_grad():
-            return self.frozen.predict_age(x).clamp(0, 100)
+        return self.cached_frozen("dex_age", keys, x, self.frozen.predict_age).clamp(0, 100).to(x.dtype)
 
     def _prep(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def run_passes(self, x: Tensor, input_years: Tensor, target_years: Tensor, no_aging: bool, noise_mode: str,
-                   step: int) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """Real and cycle passes. Returns (weighted total, logged loss = L_real + L_cycle, logs, images)."""
+                   step: int, keys: list[tuple[str, bool]] | None = None
+                   ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Real and cycle passes. Returns (weighted total, logged loss = L_real + L_cycle, logs, images).
+        ``keys`` ((path, flipped) per sample) lets the frozen embedding of x come from the cache."""
         a, t = input_years / 100.0, target_years / 100.0
         x = self._prep(x)
         y_hat, codes = self.net(self._prep(add_age_channel(x, t)), noise_mode=noise_mode)
         common = dict(x=x, y=x, latent_avg=self.net.latent_avg, nets=self.frozen, no_aging=no_aging,
                       stage=self.stage, step=step, train_decoder=self.train_decoder)
+        if keys is not None:
+            common["extra"] = {"source_landmarks_provider": lambda det: self.cached_landmarks(det, keys, x)}
+            if self.frozen.arcface is not None:
+                common["extra"]["feat_y_provider"] = lambda: self.cached_frozen("id_feat", keys, x,
+                                                                                self.frozen.embed_face)
         ctx = LossContext(y_hat=y_hat, codes=codes, input_ages=a, target_ages=t, pass_name="real", **common)
         l_real, logs = self.loss(ctx)
         y_rec, codes_rec = self.net(self._prep(add_age_channel(y_hat.detach(), a)), noise_mode=noise_mode)
@@ -159,11 +198,12 @@ class AgingModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         self.batches_seen += 1
         x = batch["image"]
-        input_years = self._input_ages(batch)
+        keys = self._cache_keys(batch)
+        input_years = self._input_ages(batch, keys)
         target_years, no_aging = self.sampler.sample(input_years.detach().cpu(), self._gen)
         target_years = target_years.to(x.device, x.dtype)
         total, loss_logged, logs, images = self.run_passes(x, input_years, target_years, no_aging,
-                                                           self.train_noise, self.abs_step)
+                                                           self.train_noise, self.abs_step, keys)
         self._last_images = images
         bs = x.shape[0]
         self.log("train/loss", loss_logged, prog_bar=True, batch_size=bs)
@@ -234,8 +274,9 @@ class AgingModule(L.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         x = batch["image"]
         bs = x.shape[0]
-        input_years = self._input_ages(batch)
-        _, loss_logged, logs, _ = self.run_passes(x, input_years, input_years, True, "const", self.abs_step)
+        keys = self._cache_keys(batch)
+        input_years = self._input_ages(batch, keys)
+        _, loss_logged, logs, _ = self.run_passes(x, input_years, input_years, True, "const", self.abs_step, keys)
         total = logs["real/total"] + logs["cycle/total"]
         self.log("val/total", total, prog_bar=True, batch_size=bs)
         self.log("val/loss", loss_logged, batch_size=bs)
@@ -286,6 +327,7 @@ class AgingModule(L.LightningModule):
         self._pending_rng = state  # applied at train start, once lazily built terms (the miner) exist
 
     def on_train_start(self) -> None:
+        self.net.__dict__.pop("base_ema", None)  # the EMA callback has taken what it needs; free the memory
         state = getattr(self, "_pending_rng", None)
         if state is None:
             return

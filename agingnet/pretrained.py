@@ -261,6 +261,8 @@ def load_aging_model(path: str | os.PathLike, use_ema: bool = False, use_blender
     net = aging_net_from_state(sd, ckpt.get("latent_avg"), path, opts, use_blender=use_blender)
     net.meta = {"kind": "fork" if "global_step" in ckpt else "sam", "global_step": int(ckpt.get("global_step", 0)),
                 "opts": dict(opts), "used_ema": bool(use_ema), "has_ema": bool(ema)}
+    # the base's EMA shadow, handed to the EMA callback so it does not read the file again (it drops it)
+    net.base_ema = {scope: dict(e["shadow"]) for scope, e in ema.items()} if ema else None
     return net.eval()
 
 

@@ -85,9 +85,9 @@ class EMACallback(Callback):
         weights."""
         mods = scope_modules(pl_module, self.scope)
         self._params(mods)
-        base: dict[str, dict[str, Tensor]] = {}
+        base: dict[str, dict[str, Tensor]] = pl_module.net.__dict__.pop("base_ema", None) or {}
         init_from = getattr(getattr(pl_module, "hparams", None), "init_from", None)
-        if init_from:
+        if init_from and not base and getattr(pl_module.net, "meta", {}).get("has_ema") is not False:
             try:
                 base = ema_shadow(init_from) or {}
             except Exception as e:  # a SAM file or an unreadable one: the loaded weights are the start

@@ -2,7 +2,8 @@
 
 Every dataset yields the same item, with ``x ≡ y`` (source = target):
 
-    {"image": Tensor[3, size, size] in [-1, 1], "age": float years (NaN: unknown), "path": str, "index": int}
+    {"image": Tensor[3, size, size] in [-1, 1], "age": float years (NaN: unknown), "path": str, "index": int,
+     "flipped": bool}
 
 Pixels map as ``x = v / 127.5 − 1`` for 8-bit values ``v``. Train mode resizes to ``size`` (bilinear, as the
 fork's ``transforms.Resize``) and flips horizontally with probability ``flip_p`` (global torch RNG, which the
@@ -108,9 +109,10 @@ class _FaceDataset(Dataset):
         )
         if flip is None:
             flip = self.flip_p > 0 and bool(torch.rand(()) < self.flip_p)
-        if self.train and flip:
+        flipped = bool(self.train and flip)
+        if flipped:
             x = x.flip(-1)
-        return {"image": x, "age": float(age), "path": path, "index": int(index)}
+        return {"image": x, "age": float(age), "path": path, "index": int(index), "flipped": flipped}
 
     def without_augmentation(self) -> _FaceDataset:
         """The same samples with ``train=False`` (no flips): e.g. for the personal NN-ID bank."""

@@ -114,6 +114,9 @@ class LossContext:
 
     @cached_property
     def feat_y(self) -> Tensor:
+        provider = self.extra.get("feat_y_provider")  # the module's cache of frozen embeddings of fixed inputs
+        if provider is not None:
+            return provider()
         with torch.no_grad():
             return self.nets.embed_face(self.y)
 

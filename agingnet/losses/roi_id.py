@@ -63,8 +63,9 @@ class ROIIDLoss(LossTerm):
         assert y_hat.ndim == 4 and y_hat.shape[1] == 3 and y_hat.shape[-1] == y_hat.shape[-2], \
             f"ROI-ID expects square images [B,3,S,S], got {tuple(y_hat.shape)}"
         b, side = y_hat.shape[0], int(y_hat.shape[-1])
+        provider = ctx.extra.get("source_landmarks_provider")  # the module's per-(file, flip) cache
         with torch.no_grad():
-            pts_s, val_s = self.detector(y.detach())
+            pts_s, val_s = provider(self.detector) if provider is not None else self.detector(y.detach())
             pts_g, val_g = self.detector(y_hat.detach())
         src_crops, gen_crops, masks = [], [], []
         for region in self.regions:  # a handful of regions; each step is vectorised over the batch
