@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -45,3 +48,24 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
         cfg.paths.work_dir = str(Path.cwd())
         del cfg["hydra"]
     return cfg
+
+
+#: errors that describe bad input (a file, key or value); anything else is a bug and keeps its traceback
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError)
+
+
+@contextmanager
+def user_errors(program: str) -> Iterator[None]:
+    """Report bad input as one line ``<program>: error: …`` and exit 1; the full traceback only with
+    ``HYDRA_FULL_ERROR=1`` (Hydra's own switch). Files written before the error are left untouched."""
+    from hydra.errors import InstantiationException
+
+    try:
+        yield
+    except (InstantiationException, *USER_ERRORS) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) else e
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(cause, USER_ERRORS):
+            raise
+        msg = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
+        print(f"{program}: error: {msg}", file=sys.stderr)
+        sys.exit(1)

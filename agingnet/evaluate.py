@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from agingnet.config import CONFIG_DIR, register_resolvers
+from agingnet.config import CONFIG_DIR, register_resolvers, user_errors
 from agingnet.infer import (
     _age_list,
     age_batch,
@@ -267,7 +267,8 @@ def write_reports(result: dict[str, Any], out: Path) -> dict[str, Path]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")
 def _hydra_main(cfg: DictConfig) -> None:
-    run_evaluation(cfg)
+    with user_errors("agingnet.evaluate"):
+        run_evaluation(cfg)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from agingnet.config import CONFIG_DIR, register_resolvers
+from agingnet.config import CONFIG_DIR, register_resolvers, user_errors
 from agingnet.nn.aging_net import AgingNet, add_age_channel, blend_codes
 from agingnet.viz import (
     age_strip,
@@ -418,7 +418,8 @@ def format_summary(s: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="infer")
 def main(cfg: DictConfig) -> None:
-    run_inference(cfg)
+    with user_errors("agingnet.infer"):
+        run_inference(cfg)
 
 
 if __name__ == "__main__":

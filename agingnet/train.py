@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from agingnet.config import CONFIG_DIR, register_resolvers
+from agingnet.config import CONFIG_DIR, register_resolvers, user_errors
 
 log = logging.getLogger("agingnet.train")
 
@@ -118,7 +118,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
+    with user_errors("agingnet.train"):
+        result = train(cfg)
     value = result["metrics"].get(cfg.get("optimized_metric", "val/total"))
     return value
 

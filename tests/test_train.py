@@ -153,3 +153,18 @@ def test_cached_source_landmarks_equal_fresh_detection(tmp_path):
     ref_pts, ref_valid = det(x)
     assert torch.equal(pts, ref_pts.float()) and torch.equal(valid, ref_valid)
     assert ("landmarks:TemplateLandmarks", "a", False) in module._frozen_cache
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("init_from=/nonexistent/base.pt", "init_from: no such checkpoint: /nonexistent/base.pt"),
+    ("paths.data_dir=/nonexistent/data", "/nonexistent/data/shot_train"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, override, needle):
+    args = [sys.executable, "-m", "agingnet.train", "experiment=demo", "data=personal", override,
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("agingnet.train: error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
