@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -292,14 +291,11 @@ def test_synthetic_layout_eyes_and_mouth():
         assert abs(x0 + x - cx * 256) <= 8 and abs(y0 + y - 0.45 * 256) <= 8
 
 
-def test_synthetic_flip_in_train_only_and_speed():
+def test_synthetic_flip_in_train_only():
     test = SyntheticFaces(n=3, size=256, train=False, flip_p=1.0)
     train = SyntheticFaces(n=3, size=256, train=True, flip_p=1.0)
     assert torch.equal(train[1]["image"], test[1]["image"].flip(-1))
-    t0 = time.perf_counter()
-    for i in range(20):
-        test.render(i % 3)
-    assert (time.perf_counter() - t0) / 20 < 0.05  # a few ms; generous bound for slow CI
+    assert train[1]["flipped"] and not test[1]["flipped"]
 
 
 def test_synthetic_fingerprint_and_errors():
