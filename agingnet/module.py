@@ -45,14 +45,15 @@ class AgingModule(L.LightningModule):
     sampler: :class:`TargetAgeSampler` kwargs. optimizer/scheduler: partial ``_target_`` configs.
     stage: s1 | s2 | p3. cycle_weight: λ of the cycle pass. input_age: "dex" (fork) or "label" (file name).
     init_from: base checkpoint (global step continues); init_use_ema: take the base's EMA decoder as weights.
+    seed: the run's seed (the target-age draws follow it); val_seed: the fixed seed of every validation.
     """
 
     def __init__(self, net: Mapping, frozen: Mapping, loss: Mapping, sampler: Mapping, optimizer: Any,
                  scheduler: Any = None, weights: Mapping | None = None, stage: str = "p3", cycle_weight: float = 1.0,
                  input_age: str = "dex", train_noise: str = "random", init_from: str | None = None,
                  init_use_ema: bool = False, restore_optimizer: bool = False, channels_last: bool = False,
-                 val_seed: int = 1234, val_target_ages: list[int] | None = None, image_interval: int = 500,
-                 nan_guard: bool = True, cache_frozen: bool = True):
+                 val_seed: int = 1234, val_target_ages: list[int] | None = None, nan_guard: bool = True,
+                 cache_frozen: bool = True, seed: int = 0):
         super().__init__()
         # plain containers only: the .ckpt stays readable with torch.load(weights_only=True)
         args = dict(locals())
@@ -79,8 +80,7 @@ class AgingModule(L.LightningModule):
         self.batches_seen = 0
         self.last_step_skipped = False
         self.using_ema = False  # set by the EMA callback while its shadow weights are swapped in
-        self._gen = torch.Generator()
-        self._gen.manual_seed(int(val_seed) + 1)
+        self._gen = torch.Generator().manual_seed(int(seed))  # target ages: one stream per run seed
         self._last_images: dict[str, Tensor] = {}
         self._frozen_cache: dict[tuple[str, str, bool], Tensor] = {}
 
@@ -96,10 +96,8 @@ class AgingModule(L.LightningModule):
 
     def _set_trainable(self) -> None:
         self.net.requires_grad_(False)
-        for name in TRAINABLE[self.stage]:
-            getattr(self.net, name).requires_grad_(True)
-        if self.net.blender is not None and self.net.use_blender:
-            self.net.blender.requires_grad_(True)
+        for m in self.trainable_modules().values():
+            m.requires_grad_(True)
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         mods = {n: getattr(self.net, n) for n in TRAINABLE[self.stage]}

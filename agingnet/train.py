@@ -56,7 +56,7 @@ def prepare_bank(cfg: DictConfig) -> None:
 
     dim = int(cfg.model.frozen.arcface.embed_dim)
     g = torch.Generator().manual_seed(int(cfg.seed))
-    ages = torch.arange(18, 83, dtype=torch.float32).repeat_interleave(max(1, n // 5))
+    ages = torch.arange(18, 81, dtype=torch.float32).repeat_interleave(max(1, n // 5))  # the bank's 18–80
     emb = torch.nn.functional.normalize(torch.randn(len(ages), dim, generator=g), dim=1)
     path = Path(cfg.paths.output_dir) / "banks" / "synthetic_bank.pt"
     ImpostorBank.from_embeddings(emb, ages, meta={"source": "synthetic (debug)", "embed": "random"}).save(path)

@@ -168,3 +168,15 @@ def test_cli_bad_input_is_one_line(tmp_path, override, needle):
     errors = [line for line in r.stderr.splitlines() if line.startswith("agingnet.train: error:")]
     assert len(errors) == 1 and needle in errors[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_target_age_draws_follow_the_run_seed(tmp_path):
+    from hydra.utils import instantiate
+
+    def draws(seed):
+        cfg = compose_config(["experiment=demo", f"seed={seed}"], output_dir=tmp_path / str(seed))
+        module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
+        return [module.sampler.sample(torch.full((4,), 40.0), module._gen)[0].tolist() for _ in range(5)]
+
+    assert draws(1) == draws(1)
+    assert draws(1) != draws(2)

@@ -39,6 +39,9 @@ class TermWeights:
     stage_weights: dict[str, float] | None = None
     schedule: str | None = None
 
+    def __post_init__(self):  # parsed once at build time: a malformed schedule fails here, not mid-run
+        self.parsed = WeightSchedule(self.schedule, 0.0) if self.schedule else None
+
     def base(self, stage: str, aging: bool) -> float:
         w = self.weight
         if self.stage_weights:
@@ -52,8 +55,8 @@ class TermWeights:
 
     def is_zero(self) -> bool:
         values = [self.weight, self.weight_aging or 0.0, *(self.stage_weights or {}).values()]
-        if self.schedule:
-            values += WeightSchedule(self.schedule, 0.0).values
+        if self.parsed is not None:
+            values += self.parsed.values
         return all(float(v) == 0.0 for v in values)
 
 
@@ -86,15 +89,15 @@ class LossStack(nn.Module):
             self.terms[name] = term
             self.weights[name] = tw
             self.passes[name] = tuple(spec.get("passes") or term.default_passes)
-            WeightSchedule(tw.schedule, 0.0)  # validate early: a malformed schedule fails at build time
 
     def __contains__(self, name: str) -> bool:
         return name in self.terms
 
     def weight_of(self, name: str, ctx: LossContext) -> float:
         tw = self.weights[name]
-        w = WeightSchedule(tw.schedule, tw.base(ctx.stage, ctx.is_aging))(ctx.step) if tw.schedule \
-            else tw.base(ctx.stage, ctx.is_aging)
+        w = tw.base(ctx.stage, ctx.is_aging)
+        if tw.parsed is not None:
+            w = tw.parsed(ctx.step, base=w)
         return w * (tw.decoder_scale if ctx.train_decoder else 1.0)
 
     def forward(self, ctx: LossContext) -> tuple[Tensor, dict[str, Tensor]]:

@@ -41,9 +41,12 @@ class WeightSchedule:
             self.steps.append(step)
             self.values.append(value)
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, base: float | None = None) -> float:
+        """Value at ``step``; ``base`` (default: the constructor's) applies before the first entry."""
         i = bisect_right(self.steps, int(step))
-        return self.base if i == 0 else self.values[i - 1]
+        if i == 0:
+            return self.base if base is None else float(base)
+        return self.values[i - 1]
 
     @property
     def max_value(self) -> float:
