@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from agingnet.config import CONFIG_DIR, register_resolvers, user_errors
+from agingnet.data.datasets import to_rgb8
 from agingnet.nn.aging_net import AgingNet, add_age_channel, blend_codes
 from agingnet.viz import (
     age_strip,
@@ -228,7 +229,7 @@ def load_face(path: Path, min_size: int = 64,
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            img = im.convert("RGB")
+            img = to_rgb8(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise SkipImage(f"not an image ({type(e).__name__}: {str(e)[:80]})") from None
     w, h = img.size

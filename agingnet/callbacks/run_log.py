@@ -14,7 +14,9 @@ Lines (users grep the prefixes; each is produced by one pure function below):
 Miner and ROI figures are means over the training steps since the previous validation (validation passes run the
 losses too and would overwrite ``last_stats``). ``metrics.jsonl`` gets one JSON object per validation: ``step``
 (the fork's absolute step), ``global_step``, every ``val/*`` metric, ``used_ema``, ``best``, the interval means
-``mb/<stat>``, ``roi/<stat>`` and ``train/real/id_mean``. Every write appends and flushes; only rank 0 writes.
+``mb/<stat>``, ``roi/<stat>``, ``train/real/id_mean`` and ``nan_skips`` (steps skipped by the NaN guard so far).
+Every write appends and flushes; only rank 0 writes. The header is written at train start (after a resume's
+state is restored); a resume first truncates both files to their sizes at the checkpoint (see ``on_fit_start``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from agingnet.callbacks.ema import find_ema
+from agingnet.io import atomic_write
 
 # ---------------------------------------------------------------- pure line formats
 
@@ -127,6 +130,7 @@ class RunLogCallback(Callback):
         self.best_step: int | None = None
         self._acc: dict[str, list[float]] = defaultdict(list)
         self._rank0 = True
+        self._resume_sizes: dict[str, int] | None = None
 
     # ---------------------------------------------------------------- writing
     def write_line(self, line: str) -> None:
@@ -152,13 +156,35 @@ class RunLogCallback(Callback):
         self._rank0 = bool(getattr(trainer, "is_global_zero", True))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """On a resume, the logs are brought back to what they held when the checkpoint was written (lines of
+        the interrupted steps after it are dropped, a torn last line included; into a new run folder the
+        checkpoint's run log is copied up to that point), so the resumed run's logs read like an uninterrupted
+        run's, plus the ``phase3: … resume=<ckpt> step=N`` header."""
+        sizes, self._resume_sizes = self._resume_sizes, None
+        if not sizes or not self._rank0:
+            return
+        src_dir = Path(str(getattr(trainer, "ckpt_path", "") or "")).parent
+        for path, size in ((self.path, sizes.get("log_bytes")), (self.metrics_path, sizes.get("metrics_bytes"))):
+            if size is None:
+                continue
+            if path.is_file() and path.stat().st_size > size:
+                with open(path, "r+b") as f:
+                    f.truncate(size)
+            elif not path.exists() and (src_dir / path.name).is_file():
+                data = (src_dir / path.name).read_bytes()[:size]
+                self.dirpath.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda f, d=data: f.write(d))
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """The header line, once the training state (global step) is restored: ``resume=`` names the
+        Lightning checkpoint of a resume, else the base of ``init_from`` (the fork's ``resume_checkpoint``)."""
         sampler = getattr(pl_module, "sampler", None)
         hp = getattr(pl_module, "hparams", {})
         opt = hp.get("optimizer") if isinstance(hp, Mapping) else None
         lr = opt.get("lr", math.nan) if isinstance(opt, Mapping) else math.nan
+        resume = getattr(trainer, "ckpt_path", None) or (hp.get("init_from") if isinstance(hp, Mapping) else None)
         self.write_line(format_phase3_line(getattr(sampler, "fixed_age", None), getattr(sampler, "jitter", 0),
-                                           _miner_window(pl_module), lr,
-                                           hp.get("init_from") if isinstance(hp, Mapping) else None,
+                                           _miner_window(pl_module), lr, str(resume) if resume else None,
                                            int(getattr(pl_module, "abs_step", trainer.global_step))))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -205,19 +231,28 @@ class RunLogCallback(Callback):
             self.write_line(format_age_lock_line(val.get("val/aging/output_age", math.nan), window))
         score = val.get(self.monitor)
         is_best = score is not None and math.isfinite(score) and (self.best is None or score < self.best)
+        if is_best:  # the same rule as the best exports: diverged weights are never "best"
+            from agingnet.callbacks.fork_export import diverged
+
+            is_best = diverged(pl_module, ema) is None
         if is_best:
             self.best, self.best_step = score, step
             for line in format_best_lines(step, score, val):
                 self.write_line(line)
         record = {"step": step, "global_step": int(trainer.global_step), "time": time.time(),
-                  "used_ema": int(round(used)), "best": bool(is_best), **val, **means}
+                  "used_ema": int(round(used)), "best": bool(is_best),
+                  "nan_skips": int(getattr(pl_module, "nan_skips", 0) or 0), **val, **means}
         self.write_metrics(record)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step}
+        """Best so far and the byte sizes of both logs (a resume truncates them back to these)."""
+        size = {k: p.stat().st_size if p.is_file() else 0
+                for k, p in (("log_bytes", self.path), ("metrics_bytes", self.metrics_path))}
+        return {"best": self.best, "best_step": self.best_step, **size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.best_step = state_dict.get("best"), state_dict.get("best_step")
+        self._resume_sizes = {k: state_dict[k] for k in ("log_bytes", "metrics_bytes") if k in state_dict}
 
 
 def find_run_log(trainer: Any) -> RunLogCallback | None:
