@@ -31,10 +31,10 @@ from agingnet.train import train
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["experiment=phase3_oneshot_40", "debug=tiny", "callbacks.progress_bar=null", "callbacks.image_logger=null"]
 # the NaN-guard runs: no validation, no exports, the Phase-3 loss stack's cheap half
-GUARD = ["experiment=demo", "loss.roi_id=null", "loss.contrastive_id=null", "loss.nn_id=null", "trainer.max_steps=4", "trainer.limit_val_batches=0",
-         "callbacks.progress_bar=null", "callbacks.image_logger=null", "callbacks.fork_export=null",
-         "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", "callbacks.plateau=null",
-         "callbacks.run_log=null", "data.num_workers=0"]
+GUARD = ["experiment=demo", "loss.roi_id=null", "loss.contrastive_id=null", "loss.nn_id=null",
+         "trainer.max_steps=4", "trainer.limit_val_batches=0", "callbacks.progress_bar=null",
+         "callbacks.image_logger=null", "callbacks.fork_export=null", "callbacks.model_checkpoint=null",
+         "callbacks.last_checkpoint=null", "callbacks.plateau=null", "callbacks.run_log=null", "data.num_workers=0"]
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -376,3 +376,17 @@ def test_cli_refused_run_leaves_the_existing_run_byte_identical(runs):
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(err) == 1 and "already holds checkpoints" in err[0], r.stderr[-2000:]
     assert tree_digest(full) == before
+
+
+def test_infer_and_evaluate_arguments_name_the_key(tmp_path):
+    from omegaconf import OmegaConf
+
+    from agingnet.infer import _age_list, list_inputs, strength_arg
+
+    with pytest.raises(ValueError, match=r"^target_ages: 'x' is not an integer age in \[0, 100\]$"):
+        _age_list(["x"])
+    with pytest.raises(ValueError, match=r"^aging_strength must be a finite number >= 0, got 'abc'$"):
+        strength_arg(OmegaConf.create({"aging_strength": "abc"}))
+    assert strength_arg(OmegaConf.create({"aging_strength": 0.5})) == 0.5
+    with pytest.raises(FileNotFoundError, match=r"^data: no such folder: "):
+        list_inputs(tmp_path / "missing", what="data")
