@@ -183,11 +183,11 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     """Train with a composed config; returns the final callback metrics as floats and the run folder.
     ``extra_callbacks`` are added to the configured ones (tests, notebooks)."""
     validate_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
     remove_stale_temporaries(out / "checkpoints")
     prepare_bank(cfg)
     check_bank(cfg)
+    L.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
     if not (cfg.get("resume_from") and (out / "config.yaml").is_file()):
         atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), out / "config.yaml")

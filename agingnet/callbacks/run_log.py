@@ -15,8 +15,8 @@ Miner and ROI figures are means over the training steps since the previous valid
 losses too and would overwrite ``last_stats``). ``metrics.jsonl`` gets one JSON object per validation: ``step``
 (the fork's absolute step), ``global_step``, every ``val/*`` metric, ``used_ema``, ``best``, the interval means
 ``mb/<stat>``, ``roi/<stat>``, ``train/real/id_mean`` and ``nan_skips`` (steps skipped by the NaN guard so far).
-Every write appends and flushes; only rank 0 writes. The header is written at train start (after a resume's
-state is restored); a resume first truncates both files to their sizes at the checkpoint (see ``on_fit_start``).
+Every write appends and flushes; only rank 0 writes. A resume first truncates both files to their sizes at the
+checkpoint (see ``on_fit_start``).
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ class RunLogCallback(Callback):
         self._acc: dict[str, list[float]] = defaultdict(list)
         self._rank0 = True
         self._resume_sizes: dict[str, int] | None = None
+        self._step: int | None = None
 
     # ---------------------------------------------------------------- writing
     def write_line(self, line: str) -> None:
@@ -156,36 +157,35 @@ class RunLogCallback(Callback):
         self._rank0 = bool(getattr(trainer, "is_global_zero", True))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        """On a resume, the logs are brought back to what they held when the checkpoint was written (lines of
-        the interrupted steps after it are dropped, a torn last line included; into a new run folder the
-        checkpoint's run log is copied up to that point), so the resumed run's logs read like an uninterrupted
-        run's, plus the ``phase3: … resume=<ckpt> step=N`` header."""
+        """Writes the header. On a resume, the logs are first brought back to what they held when the checkpoint
+        was written (lines of the interrupted steps after it are dropped, a torn last line included; into a new
+        run folder the checkpoint's run log is copied up to that point), so the resumed run's logs read like an
+        uninterrupted run's plus the ``phase3: … resume=<ckpt> step=N`` header. ``resume=`` names the Lightning
+        checkpoint of a resume, else the base of ``init_from`` (the fork's ``resume_checkpoint``)."""
         sizes, self._resume_sizes = self._resume_sizes, None
-        if not sizes or not self._rank0:
-            return
-        src_dir = Path(str(getattr(trainer, "ckpt_path", "") or "")).parent
-        for path, size in ((self.path, sizes.get("log_bytes")), (self.metrics_path, sizes.get("metrics_bytes"))):
-            if size is None:
-                continue
-            if path.is_file() and path.stat().st_size > size:
-                with open(path, "r+b") as f:
-                    f.truncate(size)
-            elif not path.exists() and (src_dir / path.name).is_file():
-                data = (src_dir / path.name).read_bytes()[:size]
-                self.dirpath.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda f, d=data: f.write(d))
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """The header line, once the training state (global step) is restored: ``resume=`` names the
-        Lightning checkpoint of a resume, else the base of ``init_from`` (the fork's ``resume_checkpoint``)."""
+        if sizes and self._rank0:
+            src_dir = Path(str(getattr(trainer, "ckpt_path", "") or "")).parent
+            for path, size in ((self.path, sizes.get("log_bytes")), (self.metrics_path, sizes.get("metrics_bytes"))):
+                if size is None:
+                    continue
+                if path.is_file() and path.stat().st_size > size:
+                    with open(path, "r+b") as f:
+                        f.truncate(size)
+                elif not path.exists() and (src_dir / path.name).is_file():
+                    data = (src_dir / path.name).read_bytes()[:size]
+                    atomic_write(path, lambda f, d=data: f.write(d))
         sampler = getattr(pl_module, "sampler", None)
         hp = getattr(pl_module, "hparams", {})
         opt = hp.get("optimizer") if isinstance(hp, Mapping) else None
         lr = opt.get("lr", math.nan) if isinstance(opt, Mapping) else math.nan
-        resume = getattr(trainer, "ckpt_path", None) or (hp.get("init_from") if isinstance(hp, Mapping) else None)
+        ckpt = getattr(trainer, "ckpt_path", None) if sizes else None
+        resume = ckpt or (hp.get("init_from") if isinstance(hp, Mapping) else None)
+        # the global step is restored after on_fit_start: a resume takes its step from the saved state
+        step = sizes.get("step") if sizes and sizes.get("step") is not None else getattr(
+            pl_module, "abs_step", trainer.global_step)
         self.write_line(format_phase3_line(getattr(sampler, "fixed_age", None), getattr(sampler, "jitter", 0),
                                            _miner_window(pl_module), lr, str(resume) if resume else None,
-                                           int(getattr(pl_module, "abs_step", trainer.global_step))))
+                                           int(step)))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         terms = _terms(pl_module)
@@ -205,6 +205,7 @@ class RunLogCallback(Callback):
         if ema is not None:
             ema.restore(pl_module)
         step = int(getattr(pl_module, "abs_step", trainer.global_step))
+        self._step = step
         val = {k: _num(v) for k, v in trainer.callback_metrics.items()
                if k.startswith("val/") and (not torch.is_tensor(v) or v.numel() == 1)}
         means = {k: sum(v) / len(v) for k, v in self._acc.items() if v}
@@ -245,14 +246,15 @@ class RunLogCallback(Callback):
         self.write_metrics(record)
 
     def state_dict(self) -> dict[str, Any]:
-        """Best so far and the byte sizes of both logs (a resume truncates them back to these)."""
+        """Best so far, and the byte sizes of both logs and the step at the last write (a resume truncates the
+        logs back to these sizes and names that step in its header)."""
         size = {k: p.stat().st_size if p.is_file() else 0
                 for k, p in (("log_bytes", self.path), ("metrics_bytes", self.metrics_path))}
-        return {"best": self.best, "best_step": self.best_step, **size}
+        return {"best": self.best, "best_step": self.best_step, "step": self._step, **size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.best_step = state_dict.get("best"), state_dict.get("best_step")
-        self._resume_sizes = {k: state_dict[k] for k in ("log_bytes", "metrics_bytes") if k in state_dict}
+        self._resume_sizes = {k: state_dict[k] for k in ("log_bytes", "metrics_bytes", "step") if k in state_dict}
 
 
 def find_run_log(trainer: Any) -> RunLogCallback | None:
