@@ -15,9 +15,10 @@ record per validation), prints a markdown report, and writes ``report.md`` and `
    are > 0.
 5. **EMA evaluation**: at least one ``used_ema=`` line and all read ``used_ema=1``.
 
-Two health checks come first: **finite validations** (every ``val/total`` is a finite number) and **skipped steps
-≤ N** (``nan_skips`` of the last record, steps the NaN guard skipped; ``--max-skips``, default 10). A torn last
-line (a run killed while appending) is ignored and noted; a damaged line elsewhere is an error.
+Two health checks (:func:`health_checks`) come first: **finite validations** (every ``val/total`` is a
+finite number) and **skipped steps ≤ N** (``nan_skips`` of the last record, steps the NaN guard skipped;
+``--max-skips``, default 10). A torn last line (a run killed while appending) is ignored and noted; a damaged
+line elsewhere is an error.
 
 Also listed: the best-validation snapshots (each ``**Best**`` event: step, total, id, lpips, l2, w_norm,
 used_ema) and, with two runs, a comparison table taken at each run's best total.
@@ -70,7 +71,7 @@ def load_run(run_dir: str | Path) -> Run:
     log_path, jl_path = run_dir / "checkpoints" / "timestamp.txt", run_dir / "checkpoints" / "metrics.jsonl"
     for p in (log_path, jl_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{run_dir} is not an agingnet run folder ({p.relative_to(run_dir)} missing)")
+            raise FileNotFoundError(f"{p}: missing ({run_dir} is not an agingnet run folder)")
     notes = []
     text = log_path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
@@ -124,18 +125,21 @@ def identity_trend(values: Sequence[float], window: int = 3, tol: float = 0.01) 
                f"(allowed {tol * abs(m[0]):.4g})"
 
 
-def criteria(run: Run, window: int = 3, tol: float = 0.01,
-             max_skips: int = 10) -> list[tuple[str, bool | None, str]]:
-    """[(criterion, PASS/FAIL/None, detail)] for the seed's acceptance criteria, then two health checks: every
-    validation total finite, and at most ``max_skips`` steps skipped by the NaN guard (``nan_skips``)."""
-    out: list[tuple[str, bool | None, str]] = []
+def health_checks(run: Run, max_skips: int = 10) -> list[tuple[str, bool | None, str]]:
+    """[(check, PASS/FAIL, detail)]: every validation total finite, and at most ``max_skips`` steps skipped by
+    the NaN guard (``nan_skips`` of the records). A run failing either is not acceptable whatever its curves."""
     totals = [(r.get("step"), r.get("val/total")) for r in run.records]
     bad = [s for s, v in totals if not isinstance(v, (int, float)) or not math.isfinite(v)]
-    out.append(("finite validations", bool(run.records) and not bad,
-                f"{len(totals)} validation(s); non-finite val/total at steps {bad[:10]}"))
     skips = max([int(r.get("nan_skips", 0) or 0) for r in run.records] or [0])
-    out.append((f"skipped steps ≤ {max_skips}", skips <= max_skips,
-                f"{skips} step(s) skipped with a non-finite loss or gradient"))
+    return [("finite validations", bool(run.records) and not bad,
+             f"{len(totals)} validation(s); non-finite val/total at steps {bad[:10]}"),
+            (f"skipped steps ≤ {max_skips}", skips <= max_skips,
+             f"{skips} step(s) skipped with a non-finite loss or gradient")]
+
+
+def criteria(run: Run, window: int = 3, tol: float = 0.01) -> list[tuple[str, bool | None, str]]:
+    """[(criterion, PASS/FAIL/None, detail)] for the seed's acceptance criteria."""
+    out: list[tuple[str, bool | None, str]] = []
     in_win = [r.get("val/aging/in_window") for r in run.records]
     bad = [r["step"] for r, v in zip(run.records, in_win) if v is None or v < 1.0]
     ok = run.window is not None and not run.age_lock_lines and not bad and bool(run.records)
@@ -234,7 +238,7 @@ def render(runs: Sequence[Run], png_name: str = "curves.png", window: int = 3, t
     for run in runs:
         md += [f"## {run.name}", "", f"- folder: `{run.path}`", f"- validations: {len(run.records)}", "",
                "| criterion | verdict | detail |", "|---|---|---|"]
-        for name, ok, detail in criteria(run, window, tol, max_skips):
+        for name, ok, detail in health_checks(run, max_skips) + criteria(run, window, tol):
             md.append(f"| {name} | {'n/a' if ok is None else 'PASS' if ok else 'FAIL'} | {detail} |")
         md += [f"- note: {n}" for n in run.notes]
         md += ["", "Best validation snapshots (from checkpoints/timestamp.txt):", ""]
