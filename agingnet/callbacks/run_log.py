@@ -195,6 +195,7 @@ class RunLogCallback(Callback):
                                            int(step)))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._step = int(getattr(pl_module, "abs_step", trainer.global_step))
         terms = _terms(pl_module)
         for name, prefix in (("contrastive_id", "mb/"), ("roi_id", "roi/")):
             if name in terms:
