@@ -254,14 +254,17 @@ class RunLogCallback(Callback):
         self.write_metrics(record)
 
     def state_dict(self) -> dict[str, Any]:
-        """Best so far, and the byte sizes of both logs and the step at the last write (a resume truncates the
-        logs back to these sizes and names that step in its header)."""
+        """Best so far, the interval accumulators (a resume between two validations averages the same steps), and
+        the byte sizes of both logs and the step at the save (a resume truncates the logs back to these sizes and
+        names that step in its header)."""
         size = {k: p.stat().st_size if p.is_file() else 0
                 for k, p in (("log_bytes", self.path), ("metrics_bytes", self.metrics_path))}
-        return {"best": self.best, "best_step": self.best_step, "step": self._step, **size}
+        return {"best": self.best, "best_step": self.best_step, "acc": {k: list(v) for k, v in self._acc.items()},
+                "step": self._step, **size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.best_step = state_dict.get("best"), state_dict.get("best_step")
+        self._acc = defaultdict(list, {k: list(v) for k, v in (state_dict.get("acc") or {}).items()})
         self._resume_sizes = {k: state_dict[k] for k in ("log_bytes", "metrics_bytes", "step") if k in state_dict}
 
 
