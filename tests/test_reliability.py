@@ -124,7 +124,8 @@ def test_skipped_step_advances_neither_optimizer_nor_schedule_nor_ema(tmp_path, 
     assert bad.out["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
 
 
-def test_consecutive_skips_stop_the_run_with_one_line(tmp_path, capsys):
+def test_consecutive_skips_stop_the_run_with_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # conftest sets 1 (full tracebacks); the user sees 0
     cfg = compose_config(GUARD + ["max_consecutive_skips=2", "trainer.max_steps=6"], output_dir=tmp_path / "r")
     with pytest.raises(RunDiverged):
         train(cfg, [InjectNaN(set(range(100)))])
@@ -158,7 +159,8 @@ def runs(tmp_path_factory):
     return {"full": full, "crashed": crashed, "error": err.value}
 
 
-def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(runs, capsys):
+def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(runs, capsys, monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # conftest sets 1 (full tracebacks); the user sees 0
     e, ck = runs["error"], runs["crashed"] / "checkpoints"
     assert e.errno == errno.ENOSPC and "iteration_6.pt" in str(e) and "are intact" in str(e)
     with pytest.raises(SystemExit):
