@@ -185,12 +185,12 @@ def test_fork_state_continues_as_the_fork_would(configured_ranger):
     p = torch.nn.Parameter(p0.clone())
     opt = configured_ranger([p])
     saved = fork_state([p], step=20)
+    s = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved["state"][0].items()}
     opt.load_state_dict(adapt_optimizer_state(saved, opt, "base.pt"))
     assert opt.param_groups[0]["step"] == 20 and opt.param_groups[0]["weight_decouple"] is True
     opt.zero_grad()
     p.sum().backward()
     opt.step()
-    s = saved["state"][0]
     m = BETA1 * s["exp_avg"] + (1 - BETA1) * 1.0
     v = BETA2 * s["exp_avg_sq"] + (1 - BETA2) * 1.0
     t, n_max = 21, 2 / (1 - BETA2) - 1
@@ -215,3 +215,29 @@ def test_fork_state_that_cannot_fit_is_refused_naming_the_file(configured_ranger
     bad(saved)
     with pytest.raises(OptimizerStateError, match=re.escape(f"base.pt: {needle}")):
         adapt_optimizer_state(saved, opt, "base.pt")
+
+
+def test_fork_state_into_torch_adam_fills_its_group_keys_and_steps():
+    """model=adam from a fork base: Adam's own group keys (amsgrad, …) come from the configured optimizer and the
+    fork's integer step becomes the tensor torch keeps; the next step is Adam's at t = step + 1."""
+    p0 = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    p = torch.nn.Parameter(p0.clone())
+    opt = torch.optim.Adam([p], lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    saved = fork_state([p], step=9, lr=1e-2)
+    saved["param_groups"][0]["betas"] = (0.9, 0.999)
+    s, t = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved["state"][0].items()}, 10
+    opt.load_state_dict(adapt_optimizer_state(saved, opt, "base.pt"))  # torch steps the loaded tensors in place
+    p.sum().backward()
+    opt.step()
+    m = 0.9 * s["exp_avg"] + 0.1
+    v = 0.999 * s["exp_avg_sq"] + 0.001
+    eps = saved["param_groups"][0]["eps"]  # the saved group's 1e-5, as torch's load_state_dict keeps it
+    want = p0 - 1e-2 * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + eps)
+    torch.testing.assert_close(p.detach(), want)
+    assert float(opt.state[p]["step"]) == t
+
+
+def test_not_an_optimizer_state_is_refused_naming_the_file(configured_ranger):
+    opt = configured_ranger([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(OptimizerStateError, match=re.escape("base.pt: 'optimizer' is not an optimizer state dict")):
+        adapt_optimizer_state({"state": {}, "param_groups": "nope"}, opt, "base.pt")
