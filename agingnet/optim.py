@@ -38,10 +38,7 @@ def _call(spec: Any, *args: Any, **kw: Any) -> Any:
 
 
 def build_optimizer(spec: Any, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    params = list(params)
-    if not params:
-        raise ValueError("no trainable parameter to optimize")
-    return _call(spec, params)
+    return _call(spec, list(params))
 
 
 def adapt_optimizer_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
@@ -102,7 +99,7 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, path: str | os.Pat
     from agingnet.pretrained import read_checkpoint
 
     state = read_checkpoint(path, "aging").get("optimizer")
-    if not state or not state.get("param_groups"):
+    if not state or (isinstance(state, Mapping) and not state.get("param_groups")):
         raise OptimizerStateError(f"{path}: restore_optimizer=true but it holds no optimizer state")
     lrs = [g["lr"] for g in optimizer.param_groups]
     optimizer.load_state_dict(adapt_optimizer_state(state, optimizer, path))

@@ -241,3 +241,14 @@ def test_not_an_optimizer_state_is_refused_naming_the_file(configured_ranger):
     opt = configured_ranger([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(OptimizerStateError, match=re.escape("base.pt: 'optimizer' is not an optimizer state dict")):
         adapt_optimizer_state({"state": {}, "param_groups": "nope"}, opt, "base.pt")
+
+
+def test_restore_from_a_file_without_optimizer_state_is_refused_naming_the_file(tmp_path, configured_ranger):
+    from agingnet.optim import restore_optimizer_state
+
+    path = tmp_path / "sam_ffhq_aging.pt"
+    torch.save({"state_dict": {}, "optimizer": {"state": {}, "param_groups": []}}, path)
+    opt = configured_ranger([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(OptimizerStateError, match=re.escape(f"{path}: restore_optimizer=true but it holds no "
+                                                            "optimizer state")):
+        restore_optimizer_state(opt, path)
