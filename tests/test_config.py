@@ -249,7 +249,7 @@ def test_every_model_option_builds_the_published_structure(option, tmp_path):
             for j in range(4):  # the first unit of stage j: conv3×3 from the previous width
                 assert net[f"{pre}body.{j}.res_layer.1.weight"] == [w[j], w[max(j - 1, 0)], 3, 3]
             assert net[f"{pre}styles.{n_styles - 1}.linear.weight"] == [n.style_dim, n.style_dim]
-        assert set(_shapes(frozen.arcface)) == _scaled_down_keys(irse, [1, 1, 1, 1], 0, 4)
+        assert set(_shapes(frozen.arcface)) == _scaled_down_keys(irse, [1, 1, 1, 1], 0, 4)  # no decoder keys
         assert set(_shapes(frozen.dex)) == set(dex)
         assert _shapes(frozen.dex)["fc8_101.weight"] == [101, cfg.model.frozen.dex.fc_dim]
 
