@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 from torch.nn import functional as F
 
+from agingnet.data.datasets import to_rgb8
 from agingnet.miner import MAX_AGE, MIN_AGE, ImpostorBank, default_meta
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -45,7 +46,7 @@ def list_images(folder: str | Path) -> list[Path]:
 def load_image(path: str | Path, size: int = SIZE) -> Tensor:
     """RGB image resized (bilinear) to ``size``², as [3,size,size] in [−1, 1]."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb8(im)
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
         arr = np.asarray(im, dtype=np.float32)
@@ -209,7 +210,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agingnet-bank",
+    p = argparse.ArgumentParser(prog="agingnet.bank",
                                 description="Build or inspect an impostor bank (SPEC §5).")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="embed a folder of aligned faces into an age-binned impostor bank")
@@ -240,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"agingnet-bank: error: {e}", file=sys.stderr)
+        print(f"agingnet.bank: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -50,21 +51,36 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
     return cfg
 
 
+#: a full, read-only or quota-limited disk, or a folder without write permission
+DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES)
+
 #: errors that describe bad input (a file, key or value); anything else is a bug and keeps its traceback
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError)
 
 
 @contextmanager
-def user_errors(program: str) -> Iterator[None]:
+def user_errors(program: str, extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Report bad input as one line ``<program>: error: …`` and exit 1; the full traceback only with
-    ``HYDRA_FULL_ERROR=1`` (Hydra's own switch). Files written before the error are left untouched."""
+    ``HYDRA_FULL_ERROR=1`` (Hydra's own switch). Files written before the error are left untouched.
+    ``extra``: further exception types that are reported the same way (e.g. a diverged run). A full, read-only
+    or quota-limited disk (``OSError`` ENOSPC/EROFS/EDQUOT) is reported with the file it concerns."""
     from hydra.errors import InstantiationException
 
+    handled = (*USER_ERRORS, *extra)
     try:
         yield
-    except (InstantiationException, *USER_ERRORS) as e:
+    except OSError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (isinstance(e, handled) or e.errno in DISK_ERRNOS):
+            raise
+        if isinstance(e, handled):
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        else:  # a disk error: the file (when known) and the reason, without "[Errno N]"
+            msg = f"{e.filename}: {e.strerror}" if e.filename and str(e.filename) not in str(e.strerror) else e.strerror
+        print(f"{program}: error: {msg}", file=sys.stderr)
+        sys.exit(1)
+    except (InstantiationException, *handled) as e:
         cause = e.__cause__ if isinstance(e, InstantiationException) else e
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(cause, USER_ERRORS):
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(cause, handled):
             raise
         msg = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
         print(f"{program}: error: {msg}", file=sys.stderr)

@@ -45,6 +45,7 @@ from agingnet.infer import (
     load_face,
     load_model,
     select_device,
+    strength_arg,
     to_input,
 )
 from agingnet.losses.base import FrozenNets
@@ -152,9 +153,9 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
     bs = int(cfg.get("batch_size", 8))
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {bs}")
-    strength, strict = float(cfg.get("aging_strength", 1.0)), bool(cfg.get("strict_pose", False))
+    strength, strict = strength_arg(cfg), bool(cfg.get("strict_pose", False))
     device = select_device(cfg.get("device", "auto"))
-    files = list_inputs(cfg.data_dir)
+    files = list_inputs(cfg.data_dir, what="data")
     if cfg.get("max_images"):
         files = files[: int(cfg.max_images)]
     net = load_model(cfg.checkpoint, cfg.get("use_ema", "auto"), device)

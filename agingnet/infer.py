@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from agingnet.config import CONFIG_DIR, register_resolvers, user_errors
+from agingnet.data.datasets import to_rgb8
 from agingnet.nn.aging_net import AgingNet, add_age_channel, blend_codes
 from agingnet.viz import (
     age_strip,
@@ -186,14 +187,27 @@ def age_batch(net: AgingNet, x: Tensor, target_ages: Sequence[int], input_years:
 # ---------------------------------------------------------------- inputs
 
 
-def list_inputs(input_dir: str | os.PathLike) -> list[Path]:
-    """Every visible regular file of ``input_dir`` (sorted); non-images are skipped later with a reason."""
+def strength_arg(cfg: DictConfig) -> float:
+    """``aging_strength`` as a finite number ≥ 0, or ``ValueError`` naming the key."""
+    v = cfg.get("aging_strength", 1.0)
+    try:
+        strength = float(v)
+    except (TypeError, ValueError):
+        strength = math.nan
+    if isinstance(v, bool) or not math.isfinite(strength) or strength < 0:
+        raise ValueError(f"aging_strength must be a finite number >= 0, got {v!r}")
+    return strength
+
+
+def list_inputs(input_dir: str | os.PathLike, what: str = "input_dir") -> list[Path]:
+    """Every visible regular file of ``input_dir`` (sorted); non-images are skipped later with a reason.
+    ``what``: the key the user typed (``input_dir`` for infer, ``data`` for evaluate), named in errors."""
     d = Path(input_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"input_dir: no such folder: {d}")
+        raise FileNotFoundError(f"{what}: no such folder: {d}")
     files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise FileNotFoundError(f"input_dir: {d} holds no files")
+        raise FileNotFoundError(f"{what}: {d} holds no files")
     return files
 
 
@@ -228,7 +242,7 @@ def load_face(path: Path, min_size: int = 64,
         with Image.open(path) as im:
             im.load()
             mode = im.mode
-            img = im.convert("RGB")
+            img = to_rgb8(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise SkipImage(f"not an image ({type(e).__name__}: {str(e)[:80]})") from None
     w, h = img.size
@@ -280,7 +294,11 @@ def _age_list(ages: Any, what: str = "target_ages") -> list[int]:
         raise ValueError(f"{what} must list at least one age")
     out = []
     for a in vals:
-        if isinstance(a, bool) or float(a) != int(a) or not 0 <= int(a) <= 100:
+        try:
+            ok = not isinstance(a, bool) and float(a) == int(a) and 0 <= int(a) <= 100
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ValueError(f"{what}: {a!r} is not an integer age in [0, 100]")
         out.append(int(a))
     return out
@@ -313,7 +331,7 @@ def run_inference(cfg: DictConfig | dict) -> dict[str, Any]:
     cfg = _cfg(cfg)
     t0 = time.perf_counter()
     ages = _age_list(cfg.target_ages)
-    strength, strict = float(cfg.get("aging_strength", 1.0)), bool(cfg.get("strict_pose", False))
+    strength, strict = strength_arg(cfg), bool(cfg.get("strict_pose", False))
     if not math.isfinite(strength) or strength < 0:
         raise ValueError(f"aging_strength must be a finite number >= 0, got {strength}")
     out_size = int(cfg.get("output_size", 1024))

@@ -119,8 +119,10 @@ class ImpostorBank:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            from agingnet.io import describe_load_error
+
             raise ValueError(f"impostor bank {path}: cannot be read as a torch file "
-                             f"({type(e).__name__}: {e})") from e
+                             f"({describe_load_error(e)})") from None
         return cls.from_dict(obj, source=str(path))
 
     @classmethod

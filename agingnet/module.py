@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from agingnet.data.sampler import TargetAgeSampler
+from agingnet.frozen_cache import FrozenCache, Keys
 from agingnet.losses.base import FrozenNets, LossContext
 from agingnet.losses.registry import LossStack
 from agingnet.models import build_arcface, build_dex, build_lpips, load_or_build_aging_net, warn_random_frozen
@@ -38,6 +39,14 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
+class RunDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient (``max_consecutive_skips``)."""
+
+
+class _SkipStep(Exception):
+    """Raised inside ``optimizer.step``'s closure to abort a step before the optimizer touches its state."""
+
+
 class AgingModule(L.LightningModule):
     """Args (all plain values or configs, so the module is built by ``hydra.utils.instantiate``):
 
@@ -47,6 +56,8 @@ class AgingModule(L.LightningModule):
     stage: s1 | s2 | p3. cycle_weight: λ of the cycle pass. input_age: "dex" (fork) or "label" (file name).
     init_from: base checkpoint (global step continues); init_use_ema: take the base's EMA decoder as weights.
     seed: the run's seed (the target-age draws follow it); val_seed: the fixed seed of every validation.
+    nan_guard: skip a step whose loss or gradient is non-finite (no optimizer, scheduler or EMA update);
+    max_consecutive_skips: stop the run (:class:`RunDiverged`) after this many skipped steps in a row (0: never).
     """
 
     def __init__(self, net: Mapping, frozen: Mapping, loss: Mapping, sampler: Mapping, optimizer: Any,
@@ -54,7 +65,7 @@ class AgingModule(L.LightningModule):
                  input_age: str = "dex", train_noise: str = "random", init_from: str | None = None,
                  init_use_ema: bool = False, restore_optimizer: bool = False, channels_last: bool = False,
                  val_seed: int = 1234, val_target_ages: list[int] | None = None, nan_guard: bool = True,
-                 cache_frozen: bool = True, seed: int = 0):
+                 cache_frozen: bool = True, seed: int = 0, max_consecutive_skips: int = 0):
         super().__init__()
         # plain containers only: the .ckpt stays readable with torch.load(weights_only=True)
         args = dict(locals())
@@ -85,7 +96,9 @@ class AgingModule(L.LightningModule):
         self.using_ema = False  # set by the EMA callback while its shadow weights are swapped in
         self._gen = torch.Generator().manual_seed(int(seed))  # target ages: one stream per run seed
         self._last_images: dict[str, Tensor] = {}
-        self._frozen_cache: dict[tuple[str, str, bool], Tensor] = {}
+        self._frozen_cache = FrozenCache(enabled=cache_frozen)
+        self.consecutive_skips = 0
+        self._skip_pending = False
 
     # ---------------------------------------------------------------- structure
     @property
@@ -129,37 +142,17 @@ class AgingModule(L.LightningModule):
                     m.to(memory_format=torch.channels_last)
 
     # ---------------------------------------------------------------- pieces of a step
-    def _cache_keys(self, batch: Mapping[str, Any]) -> list[tuple[str, bool]] | None:
-        """(path, flipped) per sample: the input image is a pure function of it (resize + optional flip)."""
-        if not self.hparams.cache_frozen or "path" not in batch or "flipped" not in batch:
-            return None
-        flipped = batch["flipped"]
-        flipped = flipped.tolist() if torch.is_tensor(flipped) else list(flipped)
-        return list(zip(batch["path"], map(bool, flipped)))
+    def _cache_keys(self, batch: Mapping[str, Any]) -> Keys | None:
+        """Content keys of the input images (see :mod:`agingnet.frozen_cache`), or None when caching is off."""
+        return self._frozen_cache.keys_for(batch["image"])
 
-    def cached_frozen(self, kind: str, keys: list[tuple[str, bool]] | None, x: Tensor, fn) -> Tensor:
-        """``fn(x)`` (a frozen network on the input images) memoized per sample by (kind, path, flipped): each
-        image's DEX age and IR-SE50 embedding are computed once per run instead of at every step."""
-        if keys is None:
-            with torch.no_grad():
-                return fn(x)
-        cache = self._frozen_cache
-        miss = [i for i, k in enumerate(keys) if (kind, *k) not in cache]
-        if miss:
-            with torch.no_grad():
-                out = fn(x[miss]).float()
-            for j, i in enumerate(miss):
-                cache[(kind, *keys[i])] = out[j]
-        return torch.stack([cache[(kind, *k)] for k in keys]).to(x.device)
+    def cached_frozen(self, kind: str, keys: Keys | None, x: Tensor, fn) -> Tensor:
+        """``fn(x)`` (a frozen network on the input images) memoized per sample by content."""
+        return self._frozen_cache.get(kind, keys, x, fn)
 
-    def cached_landmarks(self, detector, keys: list[tuple[str, bool]] | None, x: Tensor) -> tuple[Tensor, Tensor]:
+    def cached_landmarks(self, detector, keys: Keys | None, x: Tensor) -> tuple[Tensor, Tensor]:
         """68 landmarks of the input images (ROI-ID's source side), memoized like :meth:`cached_frozen`."""
-        def packed(xs: Tensor) -> Tensor:
-            pts, valid = detector(xs)
-            return torch.cat([pts.flatten(1).float(), valid.float()[:, None]], dim=1)
-
-        out = self.cached_frozen(f"landmarks:{type(detector).__name__}", keys, x, packed)
-        return out[:, :-1].reshape(-1, 68, 2), out[:, -1] > 0.5
+        return self._frozen_cache.landmarks(detector, keys, x)
 
     def _input_ages(self, batch: Mapping[str, Any], keys: list[tuple[str, bool]] | None = None) -> Tensor:
         """The input age a in years: DEX on x (the fork), or the label with ``input_age=label``. A sample without
@@ -235,28 +228,61 @@ class AgingModule(L.LightningModule):
         if self.input_age == "label":
             self.log("train/label_fallbacks", float(self.label_fallbacks), batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bs)
-        if not torch.isfinite(total):
-            if self.hparams.nan_guard:
-                self.nan_skips += 1
-                self.log("train/nan_skips", float(self.nan_skips), batch_size=bs)
-                log.warning("non-finite loss at step %d: step skipped (%d so far)", self.abs_step, self.nan_skips)
-                return None
+        if not torch.isfinite(total) and self.hparams.nan_guard:
+            self._skip_pending = True  # on_before_optimizer_step aborts the optimizer step (see there)
+            log.warning("non-finite loss at step %d: step skipped", self.abs_step)
+            return None
         return total
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """NaN guard on gradients: a non-finite gradient norm skips the step (grads cleared) and is counted."""
+        """NaN guard: a non-finite loss (flagged by ``training_step``) or gradient norm skips the step.
+
+        Lightning calls this inside ``optimizer.step(closure)``, after the closure and before the update; raising
+        :class:`_SkipStep` here leaves the optimizer untouched: torch/pytorch-optimizer optimizers count their
+        step (``group['step']``, ``state['step']``) only after the closure returns, and Lightning has no switch for
+        this. :meth:`optimizer_step` catches it; :meth:`lr_scheduler_step` then leaves the LR schedule alone and the
+        EMA callback skips its update (``last_step_skipped``). Under 16-mixed the GradScaler skips non-finite
+        steps itself, so the guard only counts them there."""
         self.last_step_skipped = False
         if not self.hparams.nan_guard:
             return
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
-            for g in optimizer.param_groups:
-                for p in g["params"]:
-                    p.grad = None
-            self.nan_skips += 1
-            self.last_step_skipped = True
-            self.log("train/nan_skips", float(self.nan_skips))
-            log.warning("non-finite gradient at step %d: step skipped (%d so far)", self.abs_step, self.nan_skips)
+        bad = self._skip_pending
+        self._skip_pending = False
+        if not bad:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            bad = bool(grads) and not bool(torch.isfinite(torch.stack([g.norm() for g in grads]).sum()))
+        if not bad:
+            self.consecutive_skips = 0
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.nan_skips += 1
+        self.consecutive_skips += 1
+        self.last_step_skipped = True
+        self.log("train/nan_skips", float(self.nan_skips))
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far, %d in a row)",
+                    self.abs_step, self.nan_skips, self.consecutive_skips)
+        limit = int(self.hparams.get("max_consecutive_skips") or 0)
+        if limit and self.consecutive_skips >= limit:
+            raise RunDiverged(f"training diverged: {self.consecutive_skips} consecutive steps with a non-finite loss "
+                              f"or gradient (max_consecutive_skips={limit}) at step {self.abs_step}, "
+                              f"{self.nan_skips} skipped in all; no further checkpoint or best model is written "
+                              f"(lower lr=…)")
+        if not isinstance(getattr(self.trainer.precision_plugin, "scaler", None), torch.amp.GradScaler):
+            raise _SkipStep
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        try:
+            optimizer.step(closure=optimizer_closure)
+        except _SkipStep:
+            pass
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if self.last_step_skipped:  # a skipped step leaves the schedule where it was
+            return
+        if metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
 
     # ---------------------------------------------------------------- validation
     def term_generators(self) -> list[torch.Generator]:
@@ -343,6 +369,7 @@ class AgingModule(L.LightningModule):
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "batches_seen": self.batches_seen, "nan_skips": self.nan_skips, "step_offset": self.step_offset,
+            "consecutive_skips": self.consecutive_skips,
             "stage": self.stage, "label_fallbacks": self.label_fallbacks,
         }
 
@@ -351,6 +378,7 @@ class AgingModule(L.LightningModule):
         if not state:
             return
         self.batches_seen, self.nan_skips = int(state["batches_seen"]), int(state["nan_skips"])
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.step_offset = int(state["step_offset"])
         self.label_fallbacks = int(state.get("label_fallbacks", 0))
         self._pending_rng = state  # applied at train start, once lazily built terms (the miner) exist
@@ -380,4 +408,4 @@ class AgingModule(L.LightningModule):
         return configure_optimization(self)
 
 
-__all__ = ["AgingModule", "warmup_cosine"]
+__all__ = ["AgingModule", "RunDiverged", "warmup_cosine"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from agingnet.io import atomic_torch_save
+from agingnet.io import atomic_torch_save, describe_load_error
 from agingnet.nn.aging_net import AgingNet
 from agingnet.nn.blender import Blender
 from agingnet.nn.dex import DEX
@@ -46,7 +46,7 @@ def read_checkpoint(path: str | os.PathLike, kind: str) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with disallowed globals, not a torch file at all
-        raise CheckpointError(f"{p}: cannot be read as {KINDS[kind]}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"{p}: cannot be read as {KINDS[kind]}: {describe_load_error(e)}") from None
 
 
 def detect_kind(obj: Any) -> str:

@@ -15,6 +15,11 @@ record per validation), prints a markdown report, and writes ``report.md`` and `
    are > 0.
 5. **EMA evaluation**: at least one ``used_ema=`` line and all read ``used_ema=1``.
 
+Two health checks (:func:`health_checks`) come first: **finite validations** (every ``val/total`` is a
+finite number) and **skipped steps ≤ N** (``nan_skips`` of the last record, steps the NaN guard skipped;
+``--max-skips``, default 10). A torn last line (a run killed while appending) is ignored and noted; a damaged
+line elsewhere is an error.
+
 Also listed: the best-validation snapshots (each ``**Best**`` event: step, total, id, lpips, l2, w_norm,
 used_ema) and, with two runs, a comparison table taken at each run's best total.
 """
@@ -30,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from agingnet.io import atomic_write_text
 
 PHASE3_RE = re.compile(r"^phase3: fixed_age=(\S+) jitter=(\d+) miner_window=(\S+) lr=(\S+) resume=(\S+)")
 PLATEAU_RE = re.compile(r"^PHASE3: plateau step=(\d+)")
@@ -49,6 +56,7 @@ class Run:
     best_steps: list[int] = field(default_factory=list)
     age_lock_lines: list[str] = field(default_factory=list)
     used_ema: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -58,20 +66,30 @@ class Run:
 def load_run(run_dir: str | Path) -> Run:
     """Parse ``checkpoints/timestamp.txt`` and ``checkpoints/metrics.jsonl`` of a run folder."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
     log_path, jl_path = run_dir / "checkpoints" / "timestamp.txt", run_dir / "checkpoints" / "metrics.jsonl"
     for p in (log_path, jl_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: missing (is {run_dir} an agingnet run folder with a RunLogCallback?)")
-    lines = log_path.read_text(encoding="utf-8").splitlines()
+            raise FileNotFoundError(f"{p}: missing ({run_dir} is not an agingnet run folder)")
+    notes = []
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):
+        notes.append(f"{log_path.name}: the last line is incomplete (interrupted write): {lines[-1][:60]!r}")
     records = []
-    for i, raw in enumerate(jl_path.read_text(encoding="utf-8").splitlines(), 1):
+    raw_lines = jl_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, raw in enumerate(raw_lines, 1):
         if raw.strip():
             try:
                 records.append(json.loads(raw))
             except json.JSONDecodeError as e:
+                if i == len(raw_lines):  # a torn last record: the run was killed while appending it
+                    notes.append(f"{jl_path.name}:{i}: incomplete last record (interrupted write), ignored")
+                    continue
                 raise ValueError(f"{jl_path}:{i}: not JSON ({e.msg})") from None
     records.sort(key=lambda r: r.get("step", 0))
-    run = Run(run_dir, lines, records)
+    run = Run(run_dir, lines, records, notes=notes)
     for line in lines:
         if m := PHASE3_RE.match(line):
             if m.group(1) != "none":
@@ -105,6 +123,18 @@ def identity_trend(values: Sequence[float], window: int = 3, tol: float = 0.01) 
     ok = worst <= tol * abs(m[0])
     return ok, f"rolling means (w={w}) {', '.join(f'{x:.4f}' for x in m)}; largest rise {worst:+.4g} " \
                f"(allowed {tol * abs(m[0]):.4g})"
+
+
+def health_checks(run: Run, max_skips: int = 10) -> list[tuple[str, bool | None, str]]:
+    """[(check, PASS/FAIL, detail)]: every validation total finite, and at most ``max_skips`` steps skipped by
+    the NaN guard (``nan_skips`` of the records). A run failing either is not acceptable whatever its curves."""
+    totals = [(r.get("step"), r.get("val/total")) for r in run.records]
+    bad = [s for s, v in totals if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    skips = max([int(r.get("nan_skips", 0) or 0) for r in run.records] or [0])
+    return [("finite validations", bool(run.records) and not bad,
+             f"{len(totals)} validation(s); non-finite val/total at steps {bad[:10]}"),
+            (f"skipped steps ≤ {max_skips}", skips <= max_skips,
+             f"{skips} step(s) skipped with a non-finite loss or gradient")]
 
 
 def criteria(run: Run, window: int = 3, tol: float = 0.01) -> list[tuple[str, bool | None, str]]:
@@ -201,14 +231,16 @@ def plot_curves(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
-def render(runs: Sequence[Run], png_name: str = "curves.png", window: int = 3, tol: float = 0.01) -> str:
+def render(runs: Sequence[Run], png_name: str = "curves.png", window: int = 3, tol: float = 0.01,
+           max_skips: int = 10) -> str:
     """The markdown report."""
     md = ["# Phase-3 acceptance report", ""]
     for run in runs:
         md += [f"## {run.name}", "", f"- folder: `{run.path}`", f"- validations: {len(run.records)}", "",
                "| criterion | verdict | detail |", "|---|---|---|"]
-        for name, ok, detail in criteria(run, window, tol):
+        for name, ok, detail in health_checks(run, max_skips) + criteria(run, window, tol):
             md.append(f"| {name} | {'n/a' if ok is None else 'PASS' if ok else 'FAIL'} | {detail} |")
+        md += [f"- note: {n}" for n in run.notes]
         md += ["", "Best validation snapshots (from checkpoints/timestamp.txt):", ""]
         md += [f"- {s}" for s in best_snapshots(run)] or ["- none"]
         md.append("")
@@ -225,15 +257,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
     ap.add_argument("--window", type=int, default=3, help="rolling window of the identity trend (validations)")
     ap.add_argument("--tol", type=float, default=0.01, help="allowed rise of the rolling identity mean (× first)")
+    ap.add_argument("--max-skips", type=int, default=10, help="most steps the NaN guard may have skipped")
     args = ap.parse_args(argv)
-    runs = [load_run(args.run_dir)] + ([load_run(args.other_run_dir)] if args.other_run_dir else [])
+    try:
+        runs = [load_run(args.run_dir)] + ([load_run(args.other_run_dir)] if args.other_run_dir else [])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"agingnet.report: error: {e}", file=sys.stderr)
+        return 1
     out = Path(args.out) if args.out else Path(args.run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, out / "curves.png")
-    text = render(runs, "curves.png", args.window, args.tol)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out / "report.md")
+    text = render(runs, "curves.png", args.window, args.tol, args.max_skips)
+    atomic_write_text(text, out / "report.md")
     print(text)
     return 0
 

@@ -7,17 +7,24 @@ notebooks call ``train(cfg)`` directly.
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from agingnet.config import CONFIG_DIR, register_resolvers, user_errors
+from agingnet.config import CONFIG_DIR, DISK_ERRNOS, register_resolvers, user_errors
+from agingnet.io import atomic_write_text, remove_stale_temporaries
+from agingnet.module import RunDiverged
+
+_RUN_ERRORS = (RunDiverged, PermissionError)
 
 log = logging.getLogger("agingnet.train")
 
@@ -65,12 +72,97 @@ def prepare_bank(cfg: DictConfig) -> None:
     log.info("no impostor bank at the configured path: wrote a random one to %s", path)
 
 
-def check_output_dir(cfg: DictConfig) -> None:
-    """Refuse to train into a run folder that already holds checkpoints (nothing is overwritten)."""
-    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
-    if cfg.get("resume_from") is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+def check_output_dir(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> None:
+    """Refuse a run folder that already holds checkpoints, unless this is a resume of that very run
+    (``resume_from`` inside its ``checkpoints/``): a run never writes into another run's folder."""
+    out = Path(output_dir if output_dir is not None else cfg.paths.output_dir)
+    ckpt_dir = out / "checkpoints"
+    if not (ckpt_dir.is_dir() and any(p for p in ckpt_dir.iterdir() if not p.name.startswith("."))):
+        return
+    resume = cfg.get("resume_from")
+    if resume is None:
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: choose a new run folder "
                               f"(hydra.run.dir=…) or resume with resume_from=…")
+    if Path(resume).resolve().parent != ckpt_dir.resolve():
+        raise FileExistsError(f"{ckpt_dir} holds another run's checkpoints: resume_from={resume} continues in its "
+                              f"own run folder ({Path(resume).resolve().parent.parent}) or in a new one")
+
+
+def _number(cfg: DictConfig, key: str, kind: type, lo: float | None = None, lo_open: bool = False) -> None:
+    """``cfg[key]`` must be a finite ``kind`` (int or float) ≥ lo (> lo when ``lo_open``)."""
+    v = OmegaConf.select(cfg, key, throw_on_missing=False)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and kind is int:
+        ok = float(v).is_integer()
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if not ok:
+        want = "an integer" if kind is int else "a number"
+        if lo is not None:
+            want += f" {'>' if lo_open else '≥'} {lo:g}"
+        raise ValueError(f"{key}={v!r}: must be {want}")
+
+
+def validate_config(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> None:
+    """Every check that needs no network or data, run before anything is written (see docs/RELIABILITY.md):
+    numeric keys, the run folder (no other run's checkpoints, writable), resume_from/init_from files and the
+    resume's compatibility (experiment, stage, architecture). Raises one ``ValueError``/``FileExistsError``/
+    ``FileNotFoundError`` naming the key or file."""
+    _number(cfg, "seed", int)
+    _number(cfg, "lr", float, 0.0, lo_open=True)
+    _number(cfg, "cycle_lambda", float, 0.0)
+    _number(cfg, "val_interval", int, 1)
+    _number(cfg, "val_max_batches", int, 1)
+    _number(cfg, "image_interval", int, 1)
+    _number(cfg, "trainer.max_steps", int, -1)
+    _number(cfg, "max_consecutive_skips", int, 0)
+    out = Path(output_dir if output_dir is not None else cfg.paths.output_dir)
+    check_output_dir(cfg, out)
+    if cfg.get("resume_from"):
+        if not Path(cfg.resume_from).is_file():
+            raise FileNotFoundError(f"resume_from: no such checkpoint: {cfg.resume_from}")
+        from agingnet.callbacks.resume import check_resume_compatible
+
+        check_resume_compatible(cfg.resume_from, cfg)
+    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
+        raise FileNotFoundError(f"init_from: no such checkpoint: {cfg.init_from}")
+    try:  # last: a refused run leaves no empty folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"run folder {out}: cannot be written ({e.strerror})") from None
+
+
+def check_bank(cfg: DictConfig) -> None:
+    """The impostor bank of contrastive ID is read and checked against the identity network at setup, not at
+    the first step: layout and finite, L2-normalized rows (:meth:`ImpostorBank.load`) and the embedding size."""
+    if "contrastive_id" not in cfg.loss or not cfg.loss.contrastive_id or cfg.loss.contrastive_id.weight == 0:
+        return
+    from agingnet.miner import ImpostorBank
+
+    bank = ImpostorBank.load(cfg.miner.bank_path)
+    dim = OmegaConf.select(cfg, "model.frozen.arcface.embed_dim", default=None)
+    if dim is not None and bank.dim != int(dim):
+        raise ValueError(f"impostor bank {cfg.miner.bank_path}: embeddings have size {bank.dim} but the identity "
+                         f"network (model.frozen.arcface.embed_dim) gives {int(dim)}; build the bank with the same "
+                         f"network (python -m agingnet.bank build …)")
+
+
+class PreflightCallback(HydraCallback):
+    """Hydra callback: :func:`validate_config` on the run folder before Hydra creates it and writes ``.hydra/``.
+
+    Hydra 1.3 writes ``<run>/.hydra/config.yaml`` in ``run_job`` before ``on_job_start`` and before the task
+    function runs; ``on_run_start`` is the last hook before that, and has the composed config with
+    ``hydra.run.dir``. Bad input stops here with one line and exit 1 (``SystemExit`` passes through Hydra)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("AGINGNET_NO_PREFLIGHT") == "1":
+            return
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines would precede the error
+        with user_errors("agingnet.train", extra=_RUN_ERRORS):
+            validate_config(config, OmegaConf.select(config, "hydra.run.dir"))
 
 
 def instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
@@ -87,29 +179,32 @@ def instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
     return out
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train with a composed config; returns the final callback metrics as floats and the run folder."""
-    L.seed_everything(cfg.seed, workers=True)
-    check_output_dir(cfg)
-    if cfg.get("resume_from") and not Path(cfg.resume_from).is_file():
-        raise FileNotFoundError(f"resume_from: no such checkpoint: {cfg.resume_from}")
-    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
-        raise FileNotFoundError(f"init_from: no such checkpoint: {cfg.init_from}")
-    prepare_bank(cfg)
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Train with a composed config; returns the final callback metrics as floats and the run folder.
+    ``extra_callbacks`` are added to the configured ones (tests, notebooks)."""
+    validate_config(cfg)
     out = Path(cfg.paths.output_dir)
+    remove_stale_temporaries(out / "checkpoints")
+    prepare_bank(cfg)
+    check_bank(cfg)
+    L.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    if not (cfg.get("resume_from") and (out / "config.yaml").is_file()):
+        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), out / "config.yaml")
 
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
-    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") + list(extra_callbacks)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    if cfg.get("resume_from"):
-        from agingnet.callbacks.resume import check_resume_compatible
-
-        check_resume_compatible(cfg.resume_from, cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("resume_from"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("resume_from"))
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = e.filename or (out / "checkpoints")
+        raise OSError(e.errno, f"could not write {where} ({e.strerror}); the checkpoints written before in "
+                               f"{out / 'checkpoints'} are intact") from e
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     log.info("outputs in %s", out)
     print(f"[agingnet] run folder: {out}\n[agingnet] TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
@@ -118,7 +213,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with user_errors("agingnet.train"):
+    with user_errors("agingnet.train", extra=_RUN_ERRORS):
         result = train(cfg)
     value = result["metrics"].get(cfg.get("optimized_metric", "val/total"))
     return value

@@ -101,7 +101,9 @@ def test_callback_writes_lines_and_jsonl(tmp_path):
     assert recs[0]["step"] == 50502 and recs[0]["used_ema"] == 1
     assert abs(recs[0]["mb/candidate_count"] - 11.0) < 1e-9 and abs(recs[0]["train/real/id_mean"] - 0.25) < 1e-6
     assert "mb/candidate_count" not in recs[1]  # the interval means were consumed by the first validation
-    assert cb.state_dict() == {"best": recs[0]["val/total"], "best_step": 50502, "acc": {}}
+    state = cb.state_dict()  # + the log sizes and step a resume truncates back to (test_reliability.py)
+    assert {k: state[k] for k in ("best", "best_step", "acc")} == {"best": recs[0]["val/total"], "best_step": 50502,
+                                                                  "acc": {}}
 
 
 def test_non_rank_zero_writes_nothing(tmp_path):

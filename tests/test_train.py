@@ -143,45 +143,7 @@ def test_validation_leaves_training_rng_untouched(tmp_path):
     assert torch.equal(before[1], torch.get_rng_state())
 
 
-def test_frozen_outputs_on_inputs_are_cached_per_file_and_flip(tmp_path):
-    from hydra.utils import instantiate
-
-    cfg = compose_config(["experiment=demo"], output_dir=tmp_path)
-    module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
-    calls = []
-    dex = module.frozen.dex
-
-    def counting(x):
-        calls.append(x.shape[0])
-        return dex.predict_age(x)
-
-    x = torch.rand(3, 3, 256, 256) * 2 - 1
-    batch = {"image": x, "path": ["a", "b", "a"], "flipped": torch.tensor([False, False, True])}
-    keys = module._cache_keys(batch)
-    first = module.cached_frozen("dex_age", keys, x, counting)
-    again = module.cached_frozen("dex_age", keys, x, counting)
-    assert calls == [3] and torch.equal(first, again)
-    torch.testing.assert_close(first, dex.predict_age(x))
-    # a new file is computed alone; known ones come from the cache
-    batch2 = {"image": x[:2], "path": ["a", "c"], "flipped": torch.tensor([False, False])}
-    module.cached_frozen("dex_age", module._cache_keys(batch2), x[:2], counting)
-    assert calls == [3, 1]
-
-
-def test_cached_source_landmarks_equal_fresh_detection(tmp_path):
-    from hydra.utils import instantiate
-
-    from agingnet.landmarks import TemplateLandmarks
-
-    cfg = compose_config(["experiment=demo"], output_dir=tmp_path)
-    module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
-    det = TemplateLandmarks(size=256)
-    x = torch.rand(2, 3, 256, 256) * 2 - 1
-    keys = [("a", False), ("b", True)]
-    pts, valid = module.cached_landmarks(det, keys, x)
-    ref_pts, ref_valid = det(x)
-    assert torch.equal(pts, ref_pts.float()) and torch.equal(valid, ref_valid)
-    assert ("landmarks:TemplateLandmarks", "a", False) in module._frozen_cache
+# the frozen-output cache (content keys, per-sample values) is tested in test_reliability.py
 
 
 @pytest.mark.parametrize("override,needle", [

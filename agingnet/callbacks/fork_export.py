@@ -12,7 +12,8 @@ Files under ``dirpath`` (all written atomically: temp file in the same folder, f
 ``global_step`` in every file is the fork's absolute step (base step + steps of this run); ``opts`` holds the
 run's key settings under the fork's flag names. ``latest_link`` (e.g. ``outputs/_latest_phase3``) is pointed at
 the run folder (``dirpath``'s parent) at fit start, atomically (temporary link + ``os.replace``). The best score
-is part of ``state_dict`` so a resumed run only replaces ``best_model.pt`` on a real improvement.
+is part of ``state_dict`` so a resumed run only replaces ``best_model.pt`` on a real improvement. Weights that are
+diverged (:func:`diverged`: non-finite values, or the NaN guard skipped the last step) are never exported as best.
 """
 
 from __future__ import annotations
@@ -79,6 +80,21 @@ def run_opts(trainer: Any, pl_module: Any, ema: EMACallback | None, exp_dir: str
     })
 
 
+def diverged(pl_module: Any, ema: EMACallback | None = None) -> str | None:
+    """Why the module's current weights must not become "best", or None: a non-finite parameter or EMA shadow
+    value, or a last training step skipped by the NaN guard (the weights then give a non-finite loss or
+    gradient)."""
+    if int(getattr(pl_module, "consecutive_skips", 0) or 0) > 0:
+        return f"the last {pl_module.consecutive_skips} step(s) were skipped with a non-finite loss or gradient"
+    tensors = list(pl_module.net.parameters()) if hasattr(pl_module, "net") else []
+    if ema is not None and ema.shadow:
+        tensors += [t for sd in ema.shadow.values() if isinstance(sd, Mapping) for t in sd.values()
+                    if torch.is_tensor(t) and t.is_floating_point()]
+    if any(not bool(torch.isfinite(t).all()) for t in tensors):
+        return "non-finite weights"
+    return None
+
+
 class ForkExportCallback(Callback):
     """See the module docstring."""
 
@@ -139,6 +155,10 @@ class ForkExportCallback(Callback):
             return
         v = float(v.detach().cpu()) if torch.is_tensor(v) else float(v)
         if not math.isfinite(v) or (self.best is not None and v >= self.best):
+            return
+        why = diverged(pl_module, find_ema(trainer))
+        if why:
+            log.warning("step %d: %s = %g is not exported as best: %s", pl_module.abs_step, self.monitor, v, why)
             return
         self.best, self.best_step = v, int(pl_module.abs_step)
         self.export(trainer, pl_module, BEST)

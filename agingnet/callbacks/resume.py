@@ -1,6 +1,7 @@
 """Guard for ``resume_from=…``: an exact Lightning resume only continues the same experiment.
 
-The checkpoint's identity is (task name, stage): the stage comes from the ``.ckpt``'s ``hyper_parameters``
+The architecture (``model.net``) must also match the checkpoint's ``hyper_parameters['net']``. The checkpoint's
+identity is (task name, stage): the stage comes from the ``.ckpt``'s ``hyper_parameters``
 (``AgingModule.stage``), the task name from the run folder's ``config.yaml`` that ``train`` writes next to
 ``checkpoints/`` (``<run>/checkpoints/x.ckpt`` → ``<run>/config.yaml``). Both are compared with the config being
 run; a mismatch raises one ``ValueError`` naming both sides. The file is read with ``weights_only=True`` only.
@@ -9,13 +10,14 @@ run; a mismatch raises one ``ValueError`` naming both sides. The file is read wi
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+
+from agingnet.io import describe_load_error
 
 
 def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -26,12 +28,7 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e)
-        hit = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-        first = f"it pickles {hit.group(1)}, which is not a tensor/plain type (store plain containers in " \
-                f"hyper_parameters)" if hit else (msg.strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"resume_from: {p} cannot be read with torch.load(weights_only=True) "
-                         f"({type(e).__name__}: {first}); agingnet does not unpickle arbitrary objects") from None
+        raise ValueError(f"resume_from: {p} cannot be read: {describe_load_error(e)}") from None
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise ValueError(f"resume_from: {p} is not a Lightning checkpoint (no 'state_dict')")
     if "pytorch-lightning_version" not in ckpt and "loops" not in ckpt:
@@ -66,4 +63,14 @@ def check_resume_compatible(ckpt_path: str | os.PathLike, cfg: Any) -> dict[str,
         now = ", ".join(f"{k}={want[k]}" for k in ("task_name", "stage"))
         raise ValueError(f"resume_from: {ckpt_path} belongs to another experiment ({have}) than this run "
                          f"({now}); resume only the same experiment, or start from its weights with init_from=…")
+    hp = ckpt.get("hyper_parameters") or {}
+    have_net = hp.get("net") if isinstance(hp, Mapping) else None
+    want_net = OmegaConf.select(cfg, "model.net", default=None) if OmegaConf.is_config(cfg) else None
+    if isinstance(have_net, Mapping) and want_net is not None:
+        want_net = OmegaConf.to_container(want_net, resolve=True) if OmegaConf.is_config(want_net) else want_net
+        diff = sorted(k for k in set(have_net) | set(want_net) if have_net.get(k) != want_net.get(k))
+        if diff:
+            detail = ", ".join(f"model.net.{k}={want_net.get(k)!r} (checkpoint: {have_net.get(k)!r})" for k in diff)
+            raise ValueError(f"resume_from: {ckpt_path} has another architecture: {detail}; resume with the "
+                             f"checkpoint's architecture")
     return ident

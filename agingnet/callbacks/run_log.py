@@ -15,7 +15,9 @@ Lines (users grep the prefixes; each is produced by one pure function below):
 Miner and ROI figures are means over the training steps since the previous validation (validation passes run the
 losses too and would overwrite ``last_stats``). ``metrics.jsonl`` gets one JSON object per validation: ``step``
 (the fork's absolute step), ``global_step``, every ``val/*`` metric, ``used_ema``, ``best``, the interval means
-``mb/<stat>``, ``roi/<stat>`` and ``train/real/id_mean``. Every write appends and flushes; only rank 0 writes.
+``mb/<stat>``, ``roi/<stat>``, ``train/real/id_mean`` and ``nan_skips`` (steps skipped by the NaN guard so far).
+Every write appends and flushes; only rank 0 writes. A resume first truncates both files to their sizes at the
+checkpoint (see ``on_fit_start``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from agingnet.callbacks.ema import find_ema
+from agingnet.io import atomic_write
 
 # ---------------------------------------------------------------- pure line formats
 
@@ -134,6 +137,8 @@ class RunLogCallback(Callback):
         self.best_step: int | None = None
         self._acc: dict[str, list[float]] = defaultdict(list)
         self._rank0 = True
+        self._resume_sizes: dict[str, int] | None = None
+        self._step: int | None = None
 
     # ---------------------------------------------------------------- writing
     def write_line(self, line: str) -> None:
@@ -159,16 +164,38 @@ class RunLogCallback(Callback):
         self._rank0 = bool(getattr(trainer, "is_global_zero", True))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Writes the header. On a resume, the logs are first brought back to what they held when the checkpoint
+        was written (lines of the interrupted steps after it are dropped, a torn last line included; into a new
+        run folder the checkpoint's run log is copied up to that point), so the resumed run's logs read like an
+        uninterrupted run's plus the ``phase3: … resume=<ckpt> step=N`` header. ``resume=`` names the Lightning
+        checkpoint of a resume, else the base of ``init_from`` (the fork's ``resume_checkpoint``)."""
+        sizes, self._resume_sizes = self._resume_sizes, None
+        if sizes and self._rank0:
+            src_dir = Path(str(getattr(trainer, "ckpt_path", "") or "")).parent
+            for path, size in ((self.path, sizes.get("log_bytes")), (self.metrics_path, sizes.get("metrics_bytes"))):
+                if size is None:
+                    continue
+                if path.is_file() and path.stat().st_size > size:
+                    with open(path, "r+b") as f:
+                        f.truncate(size)
+                elif not path.exists() and (src_dir / path.name).is_file():
+                    data = (src_dir / path.name).read_bytes()[:size]
+                    atomic_write(path, lambda f, d=data: f.write(d))
         sampler = getattr(pl_module, "sampler", None)
         hp = getattr(pl_module, "hparams", {})
         opt = hp.get("optimizer") if isinstance(hp, Mapping) else None
         lr = opt.get("lr", math.nan) if isinstance(opt, Mapping) else math.nan
+        ckpt = getattr(trainer, "ckpt_path", None) if sizes else None
+        resume = ckpt or (hp.get("init_from") if isinstance(hp, Mapping) else None)
+        # the global step is restored after on_fit_start: a resume takes its step from the saved state
+        step = sizes.get("step") if sizes and sizes.get("step") is not None else getattr(
+            pl_module, "abs_step", trainer.global_step)
         self.write_line(format_phase3_line(getattr(sampler, "fixed_age", None), getattr(sampler, "jitter", 0),
-                                           _miner_window(pl_module), lr,
-                                           hp.get("init_from") if isinstance(hp, Mapping) else None,
-                                           int(getattr(pl_module, "abs_step", trainer.global_step))))
+                                           _miner_window(pl_module), lr, str(resume) if resume else None,
+                                           int(step)))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._step = int(getattr(pl_module, "abs_step", trainer.global_step))
         terms = _terms(pl_module)
         for name, prefix in (("contrastive_id", "mb/"), ("roi_id", "roi/")):
             if name in terms:
@@ -186,6 +213,7 @@ class RunLogCallback(Callback):
         if ema is not None:
             ema.restore(pl_module)
         step = int(getattr(pl_module, "abs_step", trainer.global_step))
+        self._step = step
         val = {k: _num(v) for k, v in trainer.callback_metrics.items()
                if k.startswith("val/") and (not torch.is_tensor(v) or v.numel() == 1)}
         means = {k: sum(v) / len(v) for k, v in self._acc.items() if v}
@@ -212,21 +240,32 @@ class RunLogCallback(Callback):
             self.write_line(format_age_lock_line(val.get("val/aging/output_age", math.nan), window))
         score = val.get(self.monitor)
         is_best = score is not None and math.isfinite(score) and (self.best is None or score < self.best)
+        if is_best:  # the same rule as the best exports: diverged weights are never "best"
+            from agingnet.callbacks.fork_export import diverged
+
+            is_best = diverged(pl_module, ema) is None
         if is_best:
             self.best, self.best_step = score, step
             for line in format_best_lines(step, score, val):
                 self.write_line(line)
         record = {"step": step, "global_step": int(trainer.global_step), "time": time.time(),
-                  "used_ema": int(round(used)), "best": bool(is_best), **val, **means}
+                  "used_ema": int(round(used)), "best": bool(is_best),
+                  "nan_skips": int(getattr(pl_module, "nan_skips", 0) or 0), **val, **means}
         self.write_metrics(record)
 
     def state_dict(self) -> dict[str, Any]:
-        # the interval accumulators too: a resume between two validations must average the same steps
-        return {"best": self.best, "best_step": self.best_step, "acc": {k: list(v) for k, v in self._acc.items()}}
+        """Best so far, the interval accumulators (a resume between two validations averages the same steps), and
+        the byte sizes of both logs and the step at the save (a resume truncates the logs back to these sizes and
+        names that step in its header)."""
+        size = {k: p.stat().st_size if p.is_file() else 0
+                for k, p in (("log_bytes", self.path), ("metrics_bytes", self.metrics_path))}
+        return {"best": self.best, "best_step": self.best_step, "acc": {k: list(v) for k, v in self._acc.items()},
+                "step": self._step, **size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.best_step = state_dict.get("best"), state_dict.get("best_step")
         self._acc = defaultdict(list, {k: list(v) for k, v in (state_dict.get("acc") or {}).items()})
+        self._resume_sizes = {k: state_dict[k] for k in ("log_bytes", "metrics_bytes", "step") if k in state_dict}
 
 
 def find_run_log(trainer: Any) -> RunLogCallback | None:

@@ -61,16 +61,37 @@ def parse_age(filename: str | os.PathLike[str]) -> int:
     return age
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Decode an image file to 8-bit RGB (grayscale, palette and RGBA are converted; alpha is dropped)."""
+#: smallest accepted image side (px); infer/evaluate default to 64 (``min_size``)
+MIN_FACE_SIZE = 16
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any decoded image. 16-bit grayscale (PIL modes ``I;16*``/``I``) is scaled by 255/65535 and
+    float (``F``) images by 255 (PIL's own ``convert`` clips them, turning a 16-bit PNG white); 48/64-bit RGB(A)
+    PNGs are already reduced to 8 bits per channel by PIL; alpha is dropped."""
+    if im.mode.startswith("I") or im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if im.mode == "F" else 255.0 / 65535.0
+        grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike[str], min_size: int = MIN_FACE_SIZE) -> Image.Image:
+    """Decode an image file to 8-bit RGB (:func:`to_rgb8`); an image with a side below ``min_size`` px is
+    refused with ``ValueError`` naming the file."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            img = to_rgb8(im)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image file disappeared: {path}") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e
+    if min(img.size) < min_size:
+        raise ValueError(f"image {path} is {img.width}x{img.height} px, below the minimum face size of "
+                         f"{min_size} px")
+    return img
 
 
 def _to_tensor(img: Image.Image | np.ndarray) -> Tensor:
@@ -127,8 +148,10 @@ class _FaceDataset(Dataset):
 class _FolderDataset(_FaceDataset):
     """Images listed once at construction (sorted); decoding happens at load time."""
 
-    def __init__(self, root: str | os.PathLike[str], size: int, train: bool, flip_p: float, recursive: bool):
+    def __init__(self, root: str | os.PathLike[str], size: int, train: bool, flip_p: float, recursive: bool,
+                 min_size: int = MIN_FACE_SIZE):
         _check_common(size, flip_p)
+        self.min_size = int(min_size)
         self.root = Path(root).expanduser()
         if not self.root.exists():
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
@@ -155,7 +178,7 @@ class _FolderDataset(_FaceDataset):
             raise IndexError(f"index {index} out of range for {len(self)} images in {self.root}")
         index %= len(self)
         path = self.paths[index]
-        return self._item(load_rgb(path), self.ages[index], str(path), index, flip)
+        return self._item(load_rgb(path, self.min_size), self.ages[index], str(path), index, flip)
 
     def _hash_files(self, h: hashlib._Hash) -> None:
         h.update(f"{type(self).__name__}|size={self.size}\n".encode())
@@ -181,10 +204,16 @@ class PersonalFolderDataset(_FolderDataset):
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], size: int = 256, train: bool = True, flip_p: float = 0.5
+        self, root: str | os.PathLike[str], size: int = 256, train: bool = True, flip_p: float = 0.5,
+        min_size: int = MIN_FACE_SIZE,
     ):
-        super().__init__(root, size, train, flip_p, recursive=False)
+        super().__init__(root, size, train, flip_p, recursive=False, min_size=min_size)
         self.ages = [float(parse_age(p)) for p in self.paths]
+        for p in self.paths:  # one person's few dozen files: a too small one is refused at setup, not mid-run
+            with Image.open(p) as im:
+                if min(im.size) < self.min_size:
+                    raise ValueError(f"image {p} is {im.width}x{im.height} px, below the minimum face size of "
+                                     f"{self.min_size} px")
 
 
 class FFHQFolderDataset(_FolderDataset):
@@ -201,8 +230,9 @@ class FFHQFolderDataset(_FolderDataset):
         train: bool = True,
         flip_p: float = 0.5,
         ages_file: str | os.PathLike[str] | None = None,
+        min_size: int = MIN_FACE_SIZE,
     ):
-        super().__init__(root, size, train, flip_p, recursive=True)
+        super().__init__(root, size, train, flip_p, recursive=True, min_size=min_size)
         self.ages_file = Path(ages_file).expanduser() if ages_file is not None else None
         table = self._read_ages(self.ages_file) if self.ages_file is not None else {}
         self.ages = [
