@@ -156,6 +156,35 @@ def test_second_align_skips_finished_files(prepared, capsys):
     assert "16 of 23 inputs kept, 18 skipped as already processed" in capsys.readouterr().out
 
 
+def test_interrupted_align_keeps_what_it_finished(tmp_path, monkeypatch):
+    from agingnet.prep import aligning
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for age, g in ((30, 0.8), (31, 1.0), (32, 1.25)):
+        astronaut().point(lambda v, g=g: round(255 * (v / 255) ** g)).save(raw / f"{age}_x.png")
+    calls = []
+    real = aligning.process_one
+
+    def flaky(task):
+        calls.append(task["path"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(aligning, "CHECKPOINT_S", 0.0)
+    monkeypatch.setattr(aligning, "process_one", flaky)
+    args = dict(size=64, landmarks="dlib", upsample=0)
+    with pytest.raises(KeyboardInterrupt):
+        aligning.run_align(raw, tmp_path / "out", **args)
+    partial = json.loads((tmp_path / "out" / "prep_summary.json").read_text())
+    assert partial["complete"] is False and [r["output"] for r in partial["inputs"]] == ["30_0.png", "31_0.png"]
+    monkeypatch.setattr(aligning, "process_one", real)
+    summary = aligning.run_align(raw, tmp_path / "out", **args)
+    assert summary["complete"] and summary["counts"]["skipped_done"] == 2 and summary["counts"]["kept"] == 3
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["30_0.png", "31_0.png", "32_0.png"]
+
+
 def test_two_workers_give_the_same_files(prepared, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -188,6 +217,19 @@ def test_each_reject_lands_in_its_reason_folder(prepared):
                         for n in prepared["aligned_names"]}
     dup = next(v for v in prepared["report"]["faces"] if v["reason"] == "near_duplicate")
     assert dup["duplicate_of"] == rec["41_near.jpg"]["output"]
+
+
+def test_second_filter_keeps_listing_earlier_rejects(prepared, monkeypatch):
+    from agingnet.prep import filtering
+
+    def no_models(*a, **k):
+        raise AssertionError("faces measured again: the filter cache was not used")
+
+    monkeypatch.setattr(filtering, "FaceModels", no_models)
+    _cli(["filter", prepared["aligned"], *FILTER_ARGS])
+    report = json.loads((prepared["aligned"] / "_rejected" / "filter_report.json").read_text())
+    assert report["counts"]["rejected_earlier"] == 4 and report["counts"]["kept"] == 12
+    assert sorted(f["file"] for f in report["faces"]) == prepared["aligned_names"]
 
 
 def test_decide_against_hand_computed_cut():

@@ -17,12 +17,13 @@ in image coordinates, y down), ``centre`` = its centre. ``prep filter`` reads ``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import multiprocessing
 import os
-import re
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from agingnet.prep.faces import FaceModels, PhotoError, read_photo
 
 SUMMARY = "prep_summary.json"
 REJECTED = "_rejected"
-_OUT_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
+CHECKPOINT_S = 2.0  # rewrite the summary at most this often while aligning
 
 _MODELS: FaceModels | None = None
 _DEX = None
@@ -152,18 +153,27 @@ def _actor_centre(records: list[dict]) -> list[float] | None:
     return np.median(np.asarray(embs), axis=0).tolist() if embs else None
 
 
-def _run(tasks: list[dict], workers: int, init_args: tuple, desc: str) -> list[dict]:
+def _run(tasks: list[dict], workers: int, init_args: tuple, desc: str, on_result=None) -> list[dict]:
+    """process_one over ``tasks`` (in order), in this process or a pool; ``on_result(record)`` after each."""
     if not tasks:
         return []
     fork = sys.platform.startswith("linux")
     if workers <= 1 or fork:  # forked workers inherit the parent's models instead of each reading 130 MB
         _init_worker(*init_args)
-    if workers <= 1:
-        return [process_one(t) for t in tqdm(tasks, desc=desc, unit="photo", disable=None)]
-    # Processes, not threads: they scale whichever parts of dlib and PIL release the GIL.
-    ctx = multiprocessing.get_context("fork" if fork else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
-        return list(tqdm(pool.map(process_one, tasks), total=len(tasks), desc=desc, unit="photo", disable=None))
+    with contextlib.ExitStack() as stack:
+        if workers <= 1:
+            results = map(process_one, tasks)
+        else:  # processes, not threads: they scale whichever parts of dlib and PIL release the GIL
+            ctx = multiprocessing.get_context("fork" if fork else "spawn")
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                           initargs=init_args))
+            results = pool.map(process_one, tasks)
+        out = []
+        for r in tqdm(results, total=len(tasks), desc=desc, unit="photo", disable=None):
+            out.append(r)
+            if on_result is not None:
+                on_result(r)
+        return out
 
 
 def run_align(inp: Path, out: Path, ages_csv: Path | None = None, size: int = 1024, workers: int = 1,
@@ -238,7 +248,7 @@ def run_align(inp: Path, out: Path, ages_csv: Path | None = None, size: int = 10
         rec["age"] = age
         old = previous.get(digest)
         if old is not None and old.get("size") == size and (age is None or old.get("age") == age) and (
-                not old.get("kept") or _output_exists(out, old["output"])):
+                not old.get("kept") or (old.get("output") and _output_exists(out, old["output"]))):
             records.append({**old, "input": rel, "skipped": "already done (same content hash)"})
             continue
         rec["size"] = size
@@ -250,16 +260,36 @@ def run_align(inp: Path, out: Path, ages_csv: Path | None = None, size: int = 10
     for k in csv_missing:
         print(f"agingnet.prep: warning: {ages_csv} names {k!r}, which is not in {inp}", file=sys.stderr)
 
+    def write_summary(recs: list[dict], complete: bool) -> dict:
+        recs = sorted(recs, key=lambda r: r["input"])
+        summary = {"input": str(inp), "size": size, "landmarks": landmarks, "complete": complete,
+                   "ages_csv": str(ages_csv) if ages_csv else None, "csv_missing": csv_missing,
+                   "actor_centre": centre is not None, "counts": _counts(recs), "inputs": recs}
+        atomic_write_json(summary, out / SUMMARY)
+        return summary
+
+    # An interrupted run keeps what it finished: the summary is rewritten (atomically, at most every 2 s)
+    # with every record that is final, so the next run skips those files by their hash.
+    finished: list[dict] = []
+    last_write = [time.monotonic()]
+
+    def on_result(r: dict) -> None:
+        if r["status"] != "deferred" and not (r.get("kept") and r.get("output") is None):
+            finished.append(r)
+        if time.monotonic() - last_write[0] >= CHECKPOINT_S:
+            write_summary(records + finished, complete=False)
+            last_write[0] = time.monotonic()
+
     centre = _actor_reference(actor, init_args) if actor else None
     for t in tasks:
         t["centre"] = centre
-    done = _run(tasks, workers, init_args, "align")
+    done = _run(tasks, workers, init_args, "align", on_result)
     centre = centre or _actor_centre(records + done)
     deferred = [t for t, r in zip(tasks, done) if r["status"] == "deferred"]
     for t, r in zip(tasks, done):
         if r["status"] == "deferred":
             t.update(centre=centre, defer=False, faces=r["candidates"])
-    again = iter(_run(deferred, workers, init_args, "align (several faces)"))
+    again = iter(_run(deferred, workers, init_args, "align (several faces)", on_result))
     done = [next(again) if r["status"] == "deferred" else r for r in done]
     for r in done:
         if r.get("age_source") == "dex (estimated)" and r.get("kept") and r.get("output") is None:
@@ -268,12 +298,7 @@ def run_align(inp: Path, out: Path, ages_csv: Path | None = None, size: int = 10
             os.replace(tmp, out / r["output"])
     records += done
 
-    records.sort(key=lambda r: r["input"])
-    summary = {"input": str(inp), "size": size, "landmarks": landmarks, "ages_csv": str(ages_csv) if ages_csv else None,
-               "csv_missing": csv_missing, "actor_centre": centre is not None,
-               "counts": _counts(records), "inputs": records}
-    atomic_write_json(summary, out / SUMMARY)
-    return summary
+    return write_summary(records, complete=True)
 
 
 def _actor_reference(actor: list[Path], init_args: tuple) -> list[float]:

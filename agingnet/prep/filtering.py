@@ -12,11 +12,14 @@ Reasons, tested in this order (a face gets the first that applies):
   above max(``outlier_floor``, median(d) + ``outlier_k``·1.4826·MAD(d)), the usual robust z-score cut.
 
 Nothing is deleted; files only move inside ``ALIGNED``. ``ALIGNED/_rejected/filter_report.json`` lists every
-face with its measurements and verdict (written atomically).
+face with its measurements and verdict (written atomically); ``filter_cache.npz`` next to it keeps the
+measurements by content hash, so re-running with other thresholds measures only new faces.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -27,12 +30,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from agingnet.io import atomic_write_json
+from agingnet.io import atomic_write, atomic_write_json
 from agingnet.landmarks import TEMPLATE_68
 from agingnet.prep.aligning import REJECTED, SUMMARY
 from agingnet.prep.faces import FaceModels, PhotoError, read_photo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CACHE = "filter_cache.npz"
 REASONS = ("too_small", "blurry", "near_duplicate", "identity_outlier")
 
 
@@ -127,6 +131,39 @@ def decide(names: list[str], sizes: dict[str, float], sharp: np.ndarray, emb: np
     return out
 
 
+def _read_cache(path: Path) -> dict[str, tuple]:
+    """Measurements of earlier runs by content hash: a re-run with other thresholds measures only new faces."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: (float(s), e, t.astype(np.float32) / 255.0)
+                    for k, s, e, t in zip(z["keys"], z["sharpness"], z["embeddings"], z["thumbs"])}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _write_cache(path: Path, cache: dict[str, tuple]) -> None:
+    keys = sorted(cache)
+    arrays = {"keys": np.asarray(keys), "sharpness": np.asarray([cache[k][0] for k in keys]),
+              "embeddings": np.stack([cache[k][1] for k in keys]).astype(np.float32),
+              "thumbs": np.stack([np.round(cache[k][2] * 255) for k in keys]).astype(np.uint8)}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _earlier_rejects(rejected_dir: Path, folder: Path, current: set[str]) -> list[dict]:
+    """Entries of a previous filter_report.json whose file is still in _rejected/ (a re-run keeps listing them)."""
+    path = rejected_dir / "filter_report.json"
+    if not path.is_file():
+        return []
+    try:
+        faces = json.loads(path.read_text()).get("faces", [])
+    except ValueError:
+        return []
+    return [f for f in faces if f.get("moved_to") and f.get("file") not in current
+            and (folder / f["moved_to"]).is_file()]
+
+
 def run_filter(folder: Path, cfg: FilterConfig | None = None, log=print) -> dict:
     cfg = cfg or FilterConfig()
     cfg.check()
@@ -137,21 +174,31 @@ def run_filter(folder: Path, cfg: FilterConfig | None = None, log=print) -> dict
     if not files:
         raise FileNotFoundError(f"no aligned faces ({' '.join(IMAGE_EXTENSIONS)}) in {folder}")
     sizes = _face_sizes(folder)
-    models = FaceModels("dlib")
-    names, sharp, embs, thumbs, unreadable = [], [], [], [], []
+    cache = _read_cache(folder / REJECTED / CACHE)
+    models = None
+    names, sharp, embs, thumbs, unreadable, fresh = [], [], [], [], [], {}
     for p in tqdm(files, desc="filter", unit="face", disable=None):
-        try:
-            img = read_photo(p)[0]
-        except PhotoError as e:
-            unreadable.append({"file": p.name, "reason": "unreadable", "detail": str(e)})
-            continue
+        data = p.read_bytes()
+        key = hashlib.sha256(data).hexdigest()
+        if key not in cache:
+            try:
+                img = read_photo(io.BytesIO(data))[0]
+            except PhotoError as e:
+                unreadable.append({"file": p.name, "reason": "unreadable", "detail": str(e)})
+                continue
+            models = models or FaceModels("dlib")
+            cache[key] = (sharpness(img), models.embed_aligned(img), thumb(img))
+            fresh[key] = True
         names.append(p.name)
-        sharp.append(sharpness(img))
-        embs.append(models.embed_aligned(img))
-        thumbs.append(thumb(img))
+        sharp.append(cache[key][0])
+        embs.append(cache[key][1])
+        thumbs.append(cache[key][2])
+    if fresh:
+        _write_cache(folder / REJECTED / CACHE, cache)
     verdicts = decide(names, sizes, np.asarray(sharp), np.asarray(embs), np.asarray(thumbs), cfg) if names else []
-    report = {"folder": str(folder), "config": asdict(cfg), "faces": verdicts + unreadable}
     rejected_dir = folder / REJECTED
+    earlier = _earlier_rejects(rejected_dir, folder, set(names))
+    report = {"folder": str(folder), "config": asdict(cfg), "faces": verdicts + unreadable + earlier}
     for v in verdicts:
         if v["reason"] is not None:
             dest = rejected_dir / v["reason"] / v["file"]
@@ -162,6 +209,7 @@ def run_filter(folder: Path, cfg: FilterConfig | None = None, log=print) -> dict
     counts = {r: sum(v["reason"] == r for v in verdicts) for r in REASONS}
     counts["kept"] = sum(v["reason"] is None for v in verdicts)
     counts["unreadable"] = len(unreadable)
+    counts["rejected_earlier"] = len(earlier)
     report["counts"] = counts
     atomic_write_json(report, rejected_dir / "filter_report.json")
     return report
