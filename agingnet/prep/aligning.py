@@ -119,7 +119,8 @@ def process_one(task: dict) -> dict:
     if rec.get("age") is None:  # only reached with --estimate-ages; the parent names the file afterwards
         rec["age"], rec["age_source"] = _estimate_age(aligned), "dex (estimated)"
     name = rec.get("output") or f".estimated_{rec['sha256'][:16]}.png"
-    atomic_write(Path(task["out_dir"]) / name, lambda f: aligned.save(f, format="PNG"))
+    # PNG level 3 instead of PIL's 6: a third of the encoding time at 1024 px for files ~11 % larger
+    atomic_write(Path(task["out_dir"]) / name, lambda f: aligned.save(f, format="PNG", compress_level=3))
     return {**rec, "kept": True, "status": "aligned"}
 
 
