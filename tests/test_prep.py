@@ -131,6 +131,19 @@ def test_two_faces_keep_the_actor_not_the_larger_stranger(prepared):
     assert "_rejected" not in _find(prepared["aligned"], r["output"]).parts
 
 
+def test_several_faces_without_a_centre_keep_the_largest_unless_an_actor_photo_is_given(prepared, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(prepared["raw"] / "50_two_faces.png", raw)
+    common = ["--size", 64, "--landmarks", "dlib", "--upsample", 0]
+    _cli(["align", "--input", raw, "--out", tmp_path / "a", *common])
+    _cli(["align", "--input", raw, "--out", tmp_path / "b", "--actor", prepared["raw"] / "30_ref.png", *common])
+    largest = json.loads((tmp_path / "a" / "prep_summary.json").read_text())["inputs"][0]
+    actor = json.loads((tmp_path / "b" / "prep_summary.json").read_text())["inputs"][0]
+    assert largest["chosen_by"] == "largest face" and largest["centre"][0] > 450  # the synthetic stranger
+    assert actor["chosen_by"] == "nearest the actor's identity" and actor["centre"][0] < 450
+
+
 def test_ages_from_names_and_csv(prepared):
     rec = prepared["rec"]
     assert "150" in rec["150_typo.png"]["reason"] and "0–100" in rec["150_typo.png"]["reason"]

@@ -113,9 +113,12 @@ def process_one(task: dict) -> dict:
         return {**rec, "status": "deferred", "candidates": faces}
     else:
         face, rec["chosen_by"] = max(faces, key=lambda f: f.area), "largest face"
-    rec.update(geometry(face.landmarks), box=list(face.box),
-               embedding=[round(float(v), 5) for v in face.embedding])
-    aligned = align_face(img, face.landmarks, output_size=task["size"])
+    try:
+        rec.update(geometry(face.landmarks), box=list(face.box),
+                   embedding=[round(float(v), 5) for v in face.embedding])
+        aligned = align_face(img, face.landmarks, output_size=task["size"])
+    except ValueError as e:  # degenerate landmarks (e.g. a face seen edge-on): this photo only
+        return {**rec, "kept": False, "status": "align_failed", "reason": str(e)}
     if rec.get("age") is None:  # only reached with --estimate-ages; the parent names the file afterwards
         rec["age"], rec["age_source"] = _estimate_age(aligned), "dex (estimated)"
     name = rec.get("output") or f".estimated_{rec['sha256'][:16]}.png"
