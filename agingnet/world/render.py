@@ -119,7 +119,7 @@ def identity_traits(identity: int) -> Traits:
     nose_w = 0.022 * rng.uniform(0.85, 1.2)
     grey_onset = rng.uniform(32.0, 50.0)
     grey_span = rng.uniform(18.0, 32.0)
-    wrinkle_rate = rng.uniform(0.8, 1.25)
+    wrinkle_rate = rng.uniform(0.85, 1.2)
     recedes = rng.random() < 0.4
     recession = rng.uniform(0.02, 0.04) if recedes else 0.0
     recession_onset = rng.uniform(25.0, 45.0)
@@ -144,7 +144,7 @@ def age_cues(traits: Traits, age: float) -> dict[str, float]:
     except ``child``:
 
     child = (18−a)/14 · mature = (a−10)/70 · grey = (a−grey_onset)/grey_span ·
-    wrinkle = (a−25)·wrinkle_rate/45 · sag = (a−sag_onset)·sag_rate/40 ·
+    wrinkle = (a−22)·wrinkle_rate/48 · sag = (a−sag_onset)·sag_rate/40 ·
     recession = recession·(a−recession_onset)/30 · spots = ⌊10·(a−spot_onset)/25⌋, each clipped.
     """
     a = _check_age(age)
@@ -153,7 +153,7 @@ def age_cues(traits: Traits, age: float) -> dict[str, float]:
         "child": _clip((18 - a) / 14),
         "mature": _clip((a - 10) / 70),
         "grey": _clip((a - t.grey_onset) / t.grey_span),
-        "wrinkle": _clip((a - 25) * t.wrinkle_rate / 45),
+        "wrinkle": _clip((a - 22) * t.wrinkle_rate / 48),
         "sag": _clip((a - t.sag_onset) * t.sag_rate / 40),
         "recession": t.recession * _clip((a - t.recession_onset) / 30),
         "spots": float(min(_MAX_SPOTS, max(0, math.floor(_MAX_SPOTS * (a - t.spot_onset) / 25)))),
