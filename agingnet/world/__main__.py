@@ -45,6 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="weights folder (default: the package's; --quick: "
                                                "outputs/world_quick)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--only", choices=["dex", "arcface"], default=None, help="train one network (the manifest "
+                                                                           "keeps the other's entry)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return p
 
@@ -70,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
             out = args.out or ("outputs/world_quick" if args.quick else WEIGHTS_DIR)
             pt.pretrain(pt.QUICK if args.quick else pt.FULL, out=out, seed=args.seed,
-                        command=" ".join(["python -m agingnet.world", *argv]))
+                        command=" ".join(["python -m agingnet.world", *argv]),
+                        nets=(args.only,) if args.only else pt.NETS)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"agingnet.world: error: {e}", file=sys.stderr)
         return 1

@@ -58,7 +58,7 @@ class Plan:
     max_age: int = 85
 
 
-FULL = Plan(n_ids=400, photos=8, n_eval_ids=120, eval_photos=6, dex_epochs=12, id_epochs=5)
+FULL = Plan(n_ids=250, photos=6, n_eval_ids=80, eval_photos=5, dex_epochs=10, id_epochs=5)
 QUICK = Plan(n_ids=60, photos=4, n_eval_ids=24, eval_photos=4, dex_epochs=6, id_epochs=3)
 
 
@@ -237,68 +237,79 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, command: str | None = None
-             ) -> dict[str, Any]:
-    """Render, train both networks, measure them on held-out identities, write weights + manifest atomically."""
+NETS = ("dex", "arcface")
+
+
+def _train_dex(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    task = DexTask(plan.lr)
+    dl = DataLoader(TensorDataset(tr["dex"], tr["age"]), batch_size=plan.batch_size, shuffle=True, drop_last=True)
+    vl = DataLoader(TensorDataset(ev["dex"], ev["age"]), batch_size=128)
+    trainer = _trainer(plan.dex_epochs)
+    before = trainer.validate(task, vl, verbose=False)[0]["val_mae"]
+    trainer.fit(task, dl, vl)
+    after = trainer.validate(task, vl, verbose=False)[0]["val_mae"]
+    return task.net, {"heldout_mae_before": round(float(before), 3), "heldout_mae": round(float(after), 3),
+                      "heldout_ages": [18, 75], "heldout_photos": len(ev["age"]), "goal_mae": 3.0}
+
+
+def _train_arcface(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor], seed: int
+                   ) -> tuple[nn.Module, dict[str, Any]]:
+    task = IdTask(plan.n_ids, plan.lr)
+    labels = torch.unique(tr["identity"], return_inverse=True)[1]
+    dl = DataLoader(TensorDataset(tr["face"], labels), batch_size=plan.batch_size, shuffle=True, drop_last=True)
+    before = verification_accuracy(embed(task.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
+    _trainer(plan.id_epochs).fit(task, dl)
+    after = verification_accuracy(embed(task.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
+    return task.net, {"heldout_verification_before": round(before["verification_acc"], 4),
+                      "heldout_verification": round(after["verification_acc"], 4),
+                      "threshold": round(after["threshold"], 4), "pairs_same": after["pairs_same"],
+                      "pairs_diff": after["pairs_diff"], "min_age_gap": MIN_GAP, "goal_verification": 0.95}
+
+
+def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, command: str | None = None,
+             nets: tuple[str, ...] = NETS) -> dict[str, Any]:
+    """Render, train ``nets``, measure them on held-out identities, write weights + manifest atomically.
+
+    The manifest keeps the entries of networks not trained in this call (same renderer version only).
+    """
+    bad = [n for n in nets if n not in NETS]
+    if bad or not nets:
+        raise ValueError(f"unknown world network(s) {bad or nets}; choose from {', '.join(NETS)}")
     out = Path(out)
     L.seed_everything(seed, workers=True, verbose=False)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     rng = np.random.default_rng([seed, 0x1D])
     train_ids = rng.choice(HELD_OUT_BASE, size=plan.n_ids, replace=False)
     eval_ids = HELD_OUT_BASE + np.arange(plan.n_eval_ids)
     tr = render_set(train_ids, plan.photos, seed, plan.min_age, plan.max_age)
     ev = render_set(eval_ids, plan.eval_photos, seed + 1, 18, 75)
-    timings["render_s"] = time.perf_counter() - t0
-    print(f"rendered {len(tr['age'])} training and {len(ev['age'])} held-out photos in {timings['render_s']:.0f} s",
-          flush=True)
-
-    # DEX
-    t1 = time.perf_counter()
-    dex = DexTask(plan.lr)
-    dl = DataLoader(TensorDataset(tr["dex"], tr["age"]), batch_size=plan.batch_size, shuffle=True, drop_last=True)
-    vl = DataLoader(TensorDataset(ev["dex"], ev["age"]), batch_size=128)
-    trainer = _trainer(plan.dex_epochs)
-    mae_before = trainer.validate(dex, vl, verbose=False)[0]["val_mae"]
-    trainer.fit(dex, dl, vl)
-    mae_after = trainer.validate(dex, vl, verbose=False)[0]["val_mae"]
-    timings["dex_s"] = time.perf_counter() - t1
-
-    # identity
-    t2 = time.perf_counter()
-    ident = IdTask(plan.n_ids, plan.lr)
-    labels = torch.unique(tr["identity"], return_inverse=True)[1]
-    dl = DataLoader(TensorDataset(tr["face"], labels), batch_size=plan.batch_size, shuffle=True, drop_last=True)
-    ver_before = verification_accuracy(embed(ident.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
-    _trainer(plan.id_epochs).fit(ident, dl)
-    ver_after = verification_accuracy(embed(ident.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
-    timings["id_s"] = time.perf_counter() - t2
-    timings["total_s"] = time.perf_counter() - t0
-
-    out.mkdir(parents=True, exist_ok=True)
-    dex_path = atomic_torch_save({"state_dict": {k: v.clone() for k, v in dex.net.state_dict().items()}},
-                                 out / FILES["dex"])
-    id_path = atomic_torch_save({k: v.clone() for k, v in ident.net.state_dict().items()}, out / FILES["arcface"])
+    render_s = time.perf_counter() - t0
+    print(f"rendered {len(tr['age'])} training and {len(ev['age'])} held-out photos in {render_s:.0f} s", flush=True)
     common = {"command": command or " ".join(["python -m agingnet.world", *sys.argv[1:]]),
-              "git_commit": _git_commit(), "renderer_version": RENDERER_VERSION, "plan": asdict(plan),
-              "seed": seed, "threads": torch.get_num_threads(), "timings_s": {k: round(v, 1) for k, v in
-                                                                              timings.items()}}
-    manifest = {
-        **common,
-        "files": {
-            FILES["dex"]: {"sha256": _sha256(dex_path), "bytes": dex_path.stat().st_size, "arch": DEX_ARCH,
-                           "metrics": {"heldout_mae_before": round(float(mae_before), 3),
-                                       "heldout_mae": round(float(mae_after), 3), "heldout_ages": [18, 75],
-                                       "heldout_photos": len(ev["age"]), "goal_mae": 3.0}},
-            FILES["arcface"]: {"sha256": _sha256(id_path), "bytes": id_path.stat().st_size, "arch": ID_ARCH,
-                               "metrics": {"heldout_verification_before": round(ver_before["verification_acc"], 4),
-                                           "heldout_verification": round(ver_after["verification_acc"], 4),
-                                           "threshold": round(ver_after["threshold"], 4),
-                                           "pairs_same": ver_after["pairs_same"],
-                                           "pairs_diff": ver_after["pairs_diff"], "min_age_gap": MIN_GAP,
-                                           "goal_verification": 0.95}},
-        },
-    }
+              "git_commit": _git_commit(), "plan": asdict(plan), "seed": seed, "threads": torch.get_num_threads(),
+              "render_s": round(render_s, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, Any] = {}
+    for name in nets:
+        t1 = time.perf_counter()
+        if name == "dex":
+            net, metrics = _train_dex(plan, tr, ev)
+            state: Any = {"state_dict": {k: v.clone() for k, v in net.state_dict().items()}}
+            arch: dict[str, Any] = DEX_ARCH
+        else:
+            net, metrics = _train_arcface(plan, tr, ev, seed)
+            state, arch = {k: v.clone() for k, v in net.state_dict().items()}, ID_ARCH
+        path = atomic_torch_save(state, out / FILES[name])
+        entries[FILES[name]] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "arch": arch,
+                                          "metrics": metrics, "train_s": round(time.perf_counter() - t1, 1),
+                                          **common}
+    manifest: dict[str, Any] = {"renderer_version": RENDERER_VERSION, "files": {}}
+    old = out / "manifest.json"  # read last: another network may have been trained meanwhile (--only)
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        if prev.get("renderer_version") == RENDERER_VERSION:
+            manifest["files"].update(prev.get("files", {}))
+    manifest["files"].update(entries)
     atomic_write_json(manifest, out / "manifest.json")
-    print(json.dumps(manifest["files"], indent=1), flush=True)
+    print(json.dumps({k: v["metrics"] for k, v in manifest["files"].items()}, indent=1), flush=True)
     return manifest
