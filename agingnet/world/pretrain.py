@@ -40,7 +40,8 @@ from agingnet.world.weights import FILES, WEIGHTS_DIR
 
 HELD_OUT_BASE = 90_000
 DEX_ARCH = dict(widths=(8, 16, 32, 32, 48), fc_dim=64, input_size=96)
-ID_ARCH = dict(input_size=112, embed_dim=64, widths=(16, 32, 32, 48), units=(1, 1, 1, 1))
+# widths strictly increase: load_arcface reads the stages off runs of equal widths
+ID_ARCH = dict(input_size=112, embed_dim=64, widths=(16, 24, 32, 48), units=(1, 1, 1, 1))
 MIN_GAP = 20
 
 
