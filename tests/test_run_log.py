@@ -89,7 +89,8 @@ def test_callback_writes_lines_and_jsonl(tmp_path):
     assert lines[0] == "phase3: fixed_age=40 jitter=2 miner_window=[38,42] lr=1.5e-05 resume=/base.pt step=50500"
     assert lines[1] == "used_ema=1 id=0.134 lpips=0.134 l2=0.009 step=50502"
     # configured k/band under the fork's names; the miner's effective k and relaxed floor as extra fields
-    assert lines[2] == "mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.300 p75≈0.35 p90≈0.41 k_eff=30.0 floor=0.20"
+    assert lines[2] == ("mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.300 p75≈0.35 p90≈0.41 "
+                        "k_eff=30.0 floor=0.20")
     assert lines[3] == "roi: pairs_eyes=2 pairs_mouth=1.5"
     assert lines[4] == "AGE-LOCK: output age 45.1 outside [38,42]"
     assert lines[5] == "**Best**: Step - 50502, Loss - 0.400"
@@ -100,7 +101,7 @@ def test_callback_writes_lines_and_jsonl(tmp_path):
     assert recs[0]["step"] == 50502 and recs[0]["used_ema"] == 1
     assert abs(recs[0]["mb/candidate_count"] - 11.0) < 1e-9 and abs(recs[0]["train/real/id_mean"] - 0.25) < 1e-6
     assert "mb/candidate_count" not in recs[1]  # the interval means were consumed by the first validation
-    assert cb.state_dict() == {"best": recs[0]["val/total"], "best_step": 50502}
+    assert cb.state_dict() == {"best": recs[0]["val/total"], "best_step": 50502, "acc": {}}
 
 
 def test_non_rank_zero_writes_nothing(tmp_path):

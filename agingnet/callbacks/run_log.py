@@ -221,10 +221,12 @@ class RunLogCallback(Callback):
         self.write_metrics(record)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step}
+        # the interval accumulators too: a resume between two validations must average the same steps
+        return {"best": self.best, "best_step": self.best_step, "acc": {k: list(v) for k, v in self._acc.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.best_step = state_dict.get("best"), state_dict.get("best_step")
+        self._acc = defaultdict(list, {k: list(v) for k, v in (state_dict.get("acc") or {}).items()})
 
 
 def find_run_log(trainer: Any) -> RunLogCallback | None:
