@@ -11,7 +11,9 @@ warm-up:
 (d) mining 8 queries against a 70,000 × 512 impostor bank (:func:`agingnet.miner.bench_mining`) and its ratio
     to one full-size training step of the nets: forward + backward of the real and the cycle pass at B=2
     (measured on a GPU or with ``--full-step``; otherwise estimated as 2 passes × 3 × forward(B=2) from (c),
-    the usual forward+backward ≈ 3 × forward rule — the output says which).
+    the usual forward+backward ≈ 3 × forward rule — the output says which);
+(e) ``prep align`` of the astronaut at 1024 px: ms per photo with ``--workers 1`` and 2, and the speed-up
+    (:mod:`agingnet.prep.bench`; ``--prep-only`` runs just this).
 
 Prints a markdown table and writes every number to ``outputs/bench.json`` (atomically).
 """
@@ -159,8 +161,24 @@ def bench_sam_step(net, repeats: int, warmup: int, dev: torch.device, batch: int
 # ---------------------------------------------------------------- driver
 
 
+def run_prep(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from agingnet.prep.bench import bench_prep_align, rows
+
+    log("(e) prep align …")
+    res = bench_prep_align(n=4 if quick else 8, repeats=1 if quick else 2)
+    log("\n| benchmark | photos | time | repeats |\n|---|---|---:|---:|")
+    for row in rows(res):
+        log(row)
+    return res
+
+
 def run(quick: bool = False, full_step: bool = False, out: Path = Path("outputs/bench.json"),
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, prep_only: bool = False) -> dict[str, Any]:
+    if prep_only:
+        res = {"prep_align": run_prep(quick, log)}
+        atomic_write_json(res, out)
+        log(f"wrote {out}")
+        return res
     dev = device()
     gpu = dev.type == "cuda"
     heavy_r, heavy_w = (5, 2) if quick else (20, 3)
@@ -214,6 +232,7 @@ def run(quick: bool = False, full_step: bool = False, out: Path = Path("outputs/
     kind = "measured" if step["measured"] else "estimated"
     log(f"\nmining / full training step ({kind}): {res['mining_over_step']:.4f} "
         f"({100 * res['mining_over_step']:.2f} % of a step)")
+    res["prep_align"] = run_prep(quick, log)
     atomic_write_json(res, out)
     log(f"wrote {out}")
     return res
@@ -226,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full-step", action="store_true",
                    help="measure the full-size training step on CPU too (slow)")
     p.add_argument("--out", type=Path, default=Path("outputs/bench.json"))
+    p.add_argument("--prep-only", action="store_true", help="only (e), the prep align timings")
     a = p.parse_args(argv)
-    run(quick=a.quick, full_step=a.full_step, out=a.out)
+    run(quick=a.quick, full_step=a.full_step, out=a.out, prep_only=a.prep_only)
 
 
 if __name__ == "__main__":

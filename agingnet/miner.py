@@ -288,10 +288,10 @@ class MinerConfig:
 
 
 PROFILES: dict[str, MinerConfig] = {
-    "baseline": MinerConfig(k=64, min_sim=0.20, max_sim=0.70),
+    "baseline": MinerConfig(k=64, top_m=512, min_sim=0.20, max_sim=0.70),
     "soft": MinerConfig(k=48, min_sim=0.25, max_sim=0.65),
     "soft060": MinerConfig(k=48, top_m=768, min_sim=0.25, max_sim=0.60),
-    "soft32": MinerConfig(k=32, min_sim=0.25, max_sim=0.60),
+    "soft32": MinerConfig(k=32, min_sim=0.25, max_sim=0.65),
 }
 PROFILE_ALIASES = {"soft-0.60": "soft060", "soft_060": "soft060", "soft0.60": "soft060"}
 
@@ -307,9 +307,12 @@ class ImpostorMiner:
       2. keep members whose bin lies in [b − r, b + r];
       3. keep min_sim ≤ s ≤ max_sim → ``candidate_count``;
       4. while fewer than k: r += 1 up to ``max_radius``; then min_sim −= 0.05 per round, down to 0;
-         then pad with uniform random members of the bins b ± r (their similarity counted as 0);
+         then pad with uniform random members of the target bins b ± ``radius`` (the profile's radius, not
+         the widened one; widened only where those bins are empty);
       5. random permutation of the candidates, keep k (``k_effective`` = candidates among them).
     Relaxation is per query: a query with enough candidates keeps the profile's band and radius.
+    Padded negatives enter the loss with their real embeddings, so their real similarity ⟨q, e⟩ is what the
+    similarity statistics count (the fork logged them as 0, which understated ``sim_mean`` under padding).
     Deterministic for a given ``cfg.seed`` (one CPU ``torch.Generator``, reset by :meth:`reset_rng`).
     """
 
@@ -371,7 +374,7 @@ class ImpostorMiner:
         return neg, stats
 
     def mine_ids(self, queries: Tensor, target_ages_years: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """Bank row ids [B,k] (long, CPU), their similarities [B,k] (padding counted 0) and the stats."""
+        """Bank row ids [B,k] (long, CPU), their similarities ⟨q, e⟩ [B,k] (padding too) and the stats."""
         assert queries.ndim == 2 and queries.shape[1] == self.bank.dim, \
             f"queries must be [B,{self.bank.dim}], got {tuple(queries.shape)}"
         b = queries.shape[0]
@@ -421,11 +424,13 @@ class ImpostorMiner:
         kk = min(k, sims.shape[1])
         order = keys.argsort(dim=1)[:, :kk]
         sel_valid = valid.gather(1, order)
-        pad_ids = self._draw(start_end=self.bank.covering_range(tb, radius), b=b)
+        pad_ids = self._draw(self._target_range(tb)[:2], b=b)
         out_ids = pad_ids.clone()
         out_ids[:, :kk] = torch.where(sel_valid, ids.gather(1, order), pad_ids[:, :kk])
-        out_sims = torch.zeros(b, k)
-        out_sims[:, :kk] = torch.where(sel_valid, sims.gather(1, order), torch.zeros(()))
+        # the loss uses the padded members' real embeddings, so their real similarity is what gets logged
+        out_sims = torch.einsum("bd,bkd->bk", queries.detach().float().cpu(),
+                                self.bank.embeddings.detach()[out_ids])
+        out_sims[:, :kk] = torch.where(sel_valid, sims.gather(1, order), out_sims[:, :kk])
         stats = _sim_stats(out_sims)
         k_eff = float(sel_valid.sum(1).float().mean())
         stats.update(candidate_count=float(cand0.float().mean()), k_effective=k_eff, pad_count=k - k_eff,
@@ -441,15 +446,22 @@ class ImpostorMiner:
         ids = start[:, None] + torch.minimum((u * n[:, None]).long(), n[:, None] - 1)
         return ids.clamp(max=len(self.bank) - 1)  # rows with an empty window never use their draws
 
-    def _mine_random(self, queries: Tensor, tb: Tensor, b: int) -> tuple[Tensor, Tensor, dict[str, float]]:
-        cfg = self.cfg
-        rmax = max(cfg.radius, cfg.max_radius)
-        radius = torch.full((b,), cfg.radius, dtype=torch.long)
+    def _target_range(self, tb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows ``[start, end)`` of the target bins ``tb ± cfg.radius``, widened only where they are empty
+        (≤ max_radius rounds; :meth:`mine_ids` has checked a bin exists within it); and the radius used."""
+        rmax = max(self.cfg.radius, self.cfg.max_radius)
+        radius = torch.full(tb.shape, self.cfg.radius, dtype=torch.long)
         start, end = self.bank.covering_range(tb, radius)
-        cand0 = end - start
-        while bool((end == start).any()):  # widen only where the window is empty (≤ max_radius rounds)
+        while bool((end == start).any()):
             radius = torch.where(end == start, (radius + 1).clamp(max=rmax), radius)
             start, end = self.bank.covering_range(tb, radius)
+        return start, end, radius
+
+    def _mine_random(self, queries: Tensor, tb: Tensor, b: int) -> tuple[Tensor, Tensor, dict[str, float]]:
+        cfg = self.cfg
+        start, end = self.bank.covering_range(tb, torch.full((b,), cfg.radius, dtype=torch.long))
+        cand0 = end - start
+        start, end, radius = self._target_range(tb)
         ids = self._draw((start, end), b)
         q = queries.detach().float().cpu()
         sims = torch.einsum("bd,bkd->bk", q, self.bank.embeddings[ids])

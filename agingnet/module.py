@@ -18,7 +18,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
@@ -28,6 +27,8 @@ from agingnet.losses.base import FrozenNets, LossContext
 from agingnet.losses.registry import LossStack
 from agingnet.models import build_arcface, build_dex, build_lpips, load_or_build_aging_net, warn_random_frozen
 from agingnet.nn.aging_net import add_age_channel
+from agingnet.optim import configure as configure_optimization
+from agingnet.optim import warmup_cosine  # noqa: F401 - the former home of the schedule (old configs)
 
 log = logging.getLogger(__name__)
 
@@ -404,45 +405,7 @@ class AgingModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimization
     def configure_optimizers(self):
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"stage {self.stage!r} leaves no trainable parameter")
-        opt = self.hparams.optimizer
-        optimizer = instantiate(opt, _convert_="all")(params) if isinstance(opt, (dict, DictConfig)) else opt(params)
-        if self.hparams.restore_optimizer and self.hparams.init_from:
-            self._restore_optimizer(optimizer)
-        sched = self.hparams.scheduler
-        if sched is None:
-            return optimizer
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 1000
-        scheduler = (instantiate(sched, _convert_="all") if isinstance(sched, (dict, DictConfig)) else sched)(optimizer,
-                                                                                             total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _restore_optimizer(self, optimizer) -> None:
-        """Explicit option: load the base checkpoint's optimizer state, then re-apply the configured LR."""
-        from agingnet.pretrained import read_checkpoint
-
-        state = read_checkpoint(self.hparams.init_from, "aging").get("optimizer")
-        if not state:
-            raise ValueError(f"{self.hparams.init_from}: restore_optimizer=true but it holds no optimizer state")
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        optimizer.load_state_dict(state)
-        for g, lr in zip(optimizer.param_groups, lrs):
-            g["lr"] = lr
-
-
-def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 500, min_lr: float = 1e-6):
-    """Linear warmup over ``warmup_steps`` then cosine decay to ``min_lr`` at ``total_steps`` (torch's
-    LinearLR → CosineAnnealingLR in a SequentialLR)."""
-    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-
-    warmup_steps = max(0, min(int(warmup_steps), int(total_steps) - 1))
-    cosine = CosineAnnealingLR(optimizer, T_max=max(1, int(total_steps) - warmup_steps), eta_min=min_lr)
-    if warmup_steps == 0:
-        return cosine
-    warm = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
+        return configure_optimization(self)
 
 
 __all__ = ["AgingModule", "RunDiverged", "warmup_cosine"]

@@ -144,6 +144,16 @@ def encoder_arch(sd: Mapping[str, Tensor], input_size: int = 256) -> dict[str, A
                 input_size=input_size, **irse_arch(sd))
 
 
+def blender_arch(sd: Mapping[str, Tensor], path) -> dict[str, Any]:
+    """Blender kwargs read off its own tensors. The fork always builds ``Blender()`` with 18 styles, whatever
+    the decoder size, so n_styles comes from the ``bottleneck_i`` count, never from the decoder."""
+    _require(sd, ["bottleneck_0.0.weight", "global_mlp.0.weight", "age_mlp.0.weight"], path, "aging")
+    n_styles = len({k.split(".")[0] for k in sd if re.fullmatch(r"bottleneck_\d+\.0\.weight", k)})
+    return dict(n_styles=n_styles, style_dim=int(sd["bottleneck_0.0.weight"].shape[1]),
+                bottleneck=int(sd["bottleneck_0.0.weight"].shape[0]),
+                global_dim=int(sd["global_mlp.0.weight"].shape[0]), age_dim=int(sd["age_mlp.0.weight"].shape[0]))
+
+
 # ---------------------------------------------------------------- loaders
 
 
@@ -220,10 +230,10 @@ def aging_net_from_state(sd: Mapping[str, Tensor], latent_avg: Tensor | None, pa
     blender = None
     bl_sd = _sub(sd, "blender.")
     if bl_sd:
-        blender = Blender(n_styles=decoder.n_latent, style_dim=decoder.style_dim,
-                          bottleneck=int(bl_sd["bottleneck_0.0.weight"].shape[0]),
-                          global_dim=int(bl_sd["global_mlp.0.weight"].shape[0]),
-                          age_dim=int(bl_sd["age_mlp.0.weight"].shape[0]))
+        blender = Blender(**blender_arch(bl_sd, f"{path} [blender.*]"))
+        if use_blender and blender.n_styles != decoder.n_latent:
+            raise CheckpointError(f"{path}: use_blender=true but the adapter (blender.*) has {blender.n_styles} "
+                                  f"styles and the {decoder.size} px decoder {decoder.n_latent}")
     net = AgingNet(encoder, decoder, pretrained_encoder=pre, blender=blender, use_blender=use_blender and bool(bl_sd))
     strict_load(decoder, dec_sd, f"{path} [decoder.*]", "aging")
     if blender is not None:

@@ -44,12 +44,14 @@ def clip_boxes(boxes: Tensor, size: int | tuple[int, int], min_side: float = 1.0
 
 
 def region_boxes(points: Tensor, valid: Tensor, region: str, size: int,
-                 pad: float = 0.35) -> tuple[Tensor, Tensor]:
-    """Square box around a region's landmarks, or the fallback box where the landmarks are not valid.
+                 pad: float = 0.35, clip: bool = True) -> tuple[Tensor, Tensor]:
+    """Padded square box around a region's landmarks, or around its fallback box where the landmarks failed.
 
-    (w, h) = max_k p_k − min_k p_k, centre c = (min_k p_k + max_k p_k)/2 + 0.5, side s = max(w, h)·(1 + pad);
-    box = (c − s/2, c + s/2), clipped to the size×size image. Fallback: ``FALLBACK[region]``·size.
-    Returns (boxes [B,4], used_fallback [B] bool); an image with any non-finite landmark counts as a failure.
+    Landmarks: (w, h) = max_k p_k − min_k p_k, centre c = (min_k p_k + max_k p_k)/2 + 0.5. Fallback (SPEC §6,
+    the same geometry for every box): (w, h) and c of the box ``FALLBACK[region]``·size. Then side
+    s = max(w, h)·(1 + pad) and box = (c − s/2, c + s/2), clipped to the size×size image when ``clip`` (the
+    ROI-ID term clips only after jittering). Returns (boxes [B,4], used_fallback [B] bool); an image with any
+    non-finite landmark counts as a failure.
     """
     check_region(region)
     assert points.ndim == 3 and points.shape[1:] == (68, 2), \
@@ -57,13 +59,13 @@ def region_boxes(points: Tensor, valid: Tensor, region: str, size: int,
     assert valid.shape == points.shape[:1], f"valid must be [B], got {tuple(valid.shape)}"
     p = points[:, list(REGIONS[region])].float()
     mn, mx = p.amin(dim=1), p.amax(dim=1)
-    c = (mn + mx) / 2 + 0.5
-    s = (mx - mn).amax(dim=1, keepdim=True) * (1 + pad)
-    box = torch.cat([c - s / 2, c + s / 2], dim=1)
     ok = valid.bool() & torch.isfinite(points).all(dim=2).all(dim=1)
-    fb = torch.tensor(FALLBACK[region], dtype=box.dtype, device=box.device) * size
-    boxes = torch.where(ok[:, None], box, fb.expand_as(box))
-    return clip_boxes(boxes, size), ~ok
+    fb = torch.tensor(FALLBACK[region], dtype=p.dtype, device=p.device) * size
+    c = torch.where(ok[:, None], (mn + mx) / 2 + 0.5, (fb[:2] + fb[2:]) / 2)
+    wh = torch.where(ok[:, None], mx - mn, fb[2:] - fb[:2])
+    s = wh.amax(dim=1, keepdim=True) * (1 + pad)
+    boxes = torch.cat([c - s / 2, c + s / 2], dim=1)
+    return (clip_boxes(boxes, size) if clip else boxes), ~ok
 
 
 def jitter_boxes(boxes: Tensor, jitter: float, generator: torch.Generator | None = None,

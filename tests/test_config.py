@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -97,10 +99,23 @@ def test_every_loss_option_builds(option, tmp_path):
 
 @pytest.mark.parametrize("option", options("target_age"))
 def test_every_target_age_option_builds(option, tmp_path):
+    import torch
+
     from agingnet.data.sampler import TargetAgeSampler
 
     cfg = compose_config(["experiment=demo", f"target_age={option}"], output_dir=tmp_path)
-    TargetAgeSampler(**OmegaConf.to_container(cfg.target_age, resolve=True))
+    sampler = TargetAgeSampler(**OmegaConf.to_container(cfg.target_age, resolve=True))
+    # the bounds each option means (conf/target_age/*.yaml): SAM's U{0…100}, or the seed's lock 40 ± 2
+    lo, hi = {"uniform": (0, 100), "fixed": (38, 42)}[option]
+    assert sampler.bounds == (lo, hi) and sampler.no_aging_prob == pytest.approx(1 / 3)
+    gen = torch.Generator().manual_seed(0)
+    draws = [sampler.sample(torch.full((8,), 33.0), generator=gen) for _ in range(300)]
+    aging = torch.cat([t for t, no_aging in draws if not no_aging])
+    assert torch.equal(aging, aging.round()) and lo <= aging.min() and aging.max() <= hi
+    if option == "fixed":
+        assert set(aging.tolist()) == {38.0, 39.0, 40.0, 41.0, 42.0}  # both ends of the window are drawn
+    n_no_aging = sum(no_aging for _, no_aging in draws)
+    assert 70 <= n_no_aging <= 130  # Binomial(300, 1/3): mean 100, sd 8.2
 
 
 @pytest.mark.parametrize("option", options("data"))
@@ -116,31 +131,158 @@ def test_every_data_option_instantiates(option, tmp_path):
     assert len(dm.train_set) >= 1 and len(dm.val_set) >= 1
 
 
-@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "model"])
-def test_every_option_of_simple_groups_instantiates(group, tmp_path):
+def test_every_trainer_option_instantiates(tmp_path):
     import lightning as L
     import torch
 
-    for option in options(group):
-        if group == "trainer" and option == "gpu" and not torch.cuda.is_available():
+    for option in options("trainer"):
+        if option == "gpu" and not torch.cuda.is_available():
             continue  # composes above; instantiating needs a GPU
+        cfg = compose_config(["experiment=demo", f"trainer={option}"], output_dir=tmp_path / option)
+        trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+        assert isinstance(trainer, L.Trainer) and trainer.max_steps == cfg.trainer.max_steps
+        want = {"cpu": "CPU", "gpu": "CUDA", "auto": "CUDA" if torch.cuda.is_available() else "CPU"}
+        assert type(trainer.accelerator).__name__ == want[cfg.trainer.accelerator] + "Accelerator", option
+
+
+_MISSING = object()
+
+
+@pytest.mark.parametrize("group", ["logger", "callbacks"])
+def test_every_option_of_simple_groups_instantiates(group, tmp_path):
+    """Each option builds one object per ``_target_`` entry, of that class, holding the configured settings
+    (read back from the object under the key's name or Lightning's ``_key``)."""
+    from hydra.utils import get_class
+
+    from agingnet.train import instantiate_group
+
+    for option in options(group):
         cfg = compose_config(["experiment=demo", f"{group}={option}"], output_dir=tmp_path / option)
-        node = cfg[group]
-        if group == "trainer":
-            assert isinstance(instantiate(node, logger=False, enable_progress_bar=False), L.Trainer)
-        elif group == "model":
-            assert node.net.size in (256, 1024)  # full-size models need weights: built in other tests
-        else:
-            built = [instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
-            assert all(b is not None for b in built)
+        node = cfg[group] or {}
+        wanted = {k: v for k, v in node.items() if v is not None and "_target_" in v}
+        built = instantiate_group(node, group)
+        assert len(built) == len(wanted) and (option != "none" or built == []), option
+        for (key, v), obj in zip(wanted.items(), built):
+            assert isinstance(obj, get_class(v._target_)), (option, key)
+            checked = 0
+            for k, want in v.items():
+                got = getattr(obj, k, getattr(obj, f"_{k}", _MISSING))
+                if k == "_target_" or got is _MISSING or callable(got) or (k == "name" and want is None):
+                    continue  # (TensorBoardLogger reads name=None as "")
+                if k in ("dirpath", "save_dir", "latest_link"):
+                    got, want = str(Path(got)), str(Path(want))
+                assert got == want, (option, key, k, got, want)
+                checked += 1
+            assert checked >= 1, (option, key)  # every entry has at least one setting read back
 
 
-def test_unknown_key_is_a_clear_error(tmp_path):
+MANIFESTS = Path(__file__).parent / "data" / "manifests"
+NO_FILES = [f"model.weights.{k}=null" for k in ("sam", "psp", "stylegan2", "arcface", "dex")] + \
+    ["model.frozen.lpips.backbone_pretrained=false"]
+
+
+def _manifest(name: str) -> dict[str, list[int]]:
+    import json
+
+    return json.loads((MANIFESTS / f"{name}.keys.json").read_text())["state_dict"]
+
+
+def _shapes(module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def _scaled_down_keys(full: dict, units: list[int], n_mlp: int, size: int) -> set[str]:
+    """The key names of the published layout with fewer IR-SE units per stage (the first ``units[s]`` of each
+    of the 3/4/14/3 stages, renumbered), fewer mapping layers and a smaller StyleGAN2 (``size`` px)."""
+    starts, kept = [0, 3, 7, 21], {}
+    for s, n in enumerate(units):
+        for u in range(n):
+            kept[starts[s] + u] = len(kept)
+    n_res = int(math.log2(size)) - 2  # upsampling resolutions above 4 px
+    limits = {"style": n_mlp + 1, "convs": 2 * n_res, "to_rgbs": n_res, "noises": 2 * n_res + 1,
+              "styles": 2 * n_res + 2}  # W+ styles = layers of the decoder
+    out = set()
+    for k in full:
+        parts = k.split(".")
+        if "body" in parts[:2]:
+            i = parts.index("body")
+            if int(parts[i + 1]) not in kept:
+                continue
+            parts[i + 1] = str(kept[int(parts[i + 1])])
+        elif parts[1] in limits and (parts[0] == "decoder" or parts[1] == "styles"):
+            idx = int(parts[2].removeprefix("noise_"))
+            if idx >= limits[parts[1]]:
+                continue
+        out.add(".".join(parts))
+    return out
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_every_model_option_builds_the_published_structure(option, tmp_path):
+    """The module each model option instantiates (on the meta device: shapes without memory): full-size options
+    match the published files' key layouts exactly; tiny keeps their key names with the configured widths."""
+    import torch
+
+    cfg = compose_config(["experiment=demo", f"model={option}", *NO_FILES], output_dir=tmp_path)
+    with torch.device("meta"):
+        module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
+    net, frozen = _shapes(module.net), module.frozen
+    sam, irse = _manifest("sam_ffhq_aging"), _manifest("model_ir_se50")
+    dex = {k.replace("-", "_"): v for k, v in _manifest("dex_age_classifier").items()}
+    n = cfg.model.net
+    if n.size == 1024:
+        assert net == {**sam, "latent_avg": [18, 512]}
+        assert _shapes(frozen.arcface) == irse and _shapes(frozen.dex) == dex
+    else:
+        assert option == "tiny"
+        assert set(net) == _scaled_down_keys(sam, [1, 1, 1, 1], n.n_mlp, n.size) | {"latent_avg"}
+        n_styles, ch, w = 2 * int(math.log2(n.size)) - 2, n.channels, list(n.encoder_widths)
+        assert net["latent_avg"] == [n_styles, n.style_dim]
+        assert net["decoder.input.input"] == [1, ch[4], 4, 4]
+        for i in range(int(math.log2(n.size)) - 2):  # StyleGAN2: resolution r = 8·2^i, channels from the config
+            r = 8 * 2**i
+            assert net[f"decoder.convs.{2 * i}.conv.weight"] == [1, ch[r], ch[r // 2], 3, 3]
+            assert net[f"decoder.convs.{2 * i + 1}.conv.weight"] == [1, ch[r], ch[r], 3, 3]
+            assert net[f"decoder.to_rgbs.{i}.conv.weight"] == [1, 3, ch[r], 1, 1]
+        for pre, nc in (("encoder.", 4), ("pretrained_encoder.", 3)):
+            assert net[f"{pre}input_layer.0.weight"] == [w[0], nc, 3, 3]
+            for j in range(4):  # the first unit of stage j: conv3×3 from the previous width
+                assert net[f"{pre}body.{j}.res_layer.1.weight"] == [w[j], w[max(j - 1, 0)], 3, 3]
+            assert net[f"{pre}styles.{n_styles - 1}.linear.weight"] == [n.style_dim, n.style_dim]
+        assert set(_shapes(frozen.arcface)) == _scaled_down_keys(irse, [1, 1, 1, 1], 0, 4)  # no decoder keys
+        assert set(_shapes(frozen.dex)) == set(dex)
+        assert _shapes(frozen.dex)["fc8_101.weight"] == [101, cfg.model.frozen.dex.fc_dim]
+
+
+@pytest.mark.parametrize("option", [
+    pytest.param(o, marks=pytest.mark.xfail(
+        strict=True, raises=TypeError,
+        reason="conf/model/adam.yaml inherits Ranger's alpha/k/n_sma_threshold/use_gc from sam.yaml: "
+               "Adam.__init__() got an unexpected keyword argument 'alpha'")) if o == "adam" else o
+    for o in options("model")])
+def test_every_model_option_builds_its_optimizer(option, tmp_path):
+    import pytorch_optimizer
+    import torch
+
+    cfg = compose_config(["experiment=demo", f"model={option}"], output_dir=tmp_path)
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = instantiate(cfg.model.optimizer, _convert_="all")([p])  # as AgingModule.configure_optimizers does
+    assert isinstance(opt, torch.optim.Adam if option == "adam" else pytorch_optimizer.Ranger)
+    assert opt.param_groups[0]["lr"] == cfg.lr
+
+
+@pytest.mark.parametrize("override,key", [
+    ("loss.id.no_such_key_x=1", "loss.id.no_such_key_x"),  # unknown key inside a term
+    ("no_such_key=2", "no_such_key"),  # unknown top-level key
+    ("model.net.no_such_net_key=3", "model.net.no_such_net_key"),  # unknown architecture setting
+    ("loss.no_such_term.weight=1", "loss.no_such_term.weight"),  # a term that does not exist
+    ("+lr=1", "lr"),  # `+` adds a key: an existing one is an error (a new `+key` is how Hydra adds one)
+])
+def test_unknown_key_is_a_clear_error(override, key, tmp_path):
     from hydra.errors import ConfigCompositionException
 
-    with pytest.raises(ConfigCompositionException, match="no_such_key"):
-        compose_config(["experiment=demo", "loss.id.no_such_key_x=1", "+no_such_key=1", "no_such_key=2"],
-                       output_dir=tmp_path)
+    with pytest.raises(ConfigCompositionException, match=f"'{re.escape(key)}'"):
+        compose_config(["experiment=demo", override], output_dir=tmp_path)
 
 
 def test_sweep_and_launcher_configs_exist():

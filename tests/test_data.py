@@ -34,6 +34,27 @@ def _halves(h: int = 24, w: int = 36) -> np.ndarray:
     return a
 
 
+def _bilinear_reference(a: np.ndarray, size: int) -> torch.Tensor:
+    """[3,size,size] in [-1,1]: a brute-force resize of an image whose rows are all equal (so the vertical
+    pass is the identity), horizontally with the triangle filter of a downscale: output column j is centred
+    at c = (j + ½)·s in input pixels (s = w / size) and weighs input column i by max(0, 1 − |i + ½ − c| / s),
+    normalized. Values then map as v / 127.5 − 1."""
+    h, w, _ = a.shape
+    assert (a == a[:1]).all() and w >= size, "reference only for equal rows and a horizontal downscale"
+    s = w / size
+    cols = []
+    for j in range(size):
+        c = (j + 0.5) * s
+        wts = [max(0.0, 1 - abs(i + 0.5 - c) / s) for i in range(w)]
+        cols.append([sum(wt * float(a[0, i, ch]) for i, wt in enumerate(wts)) / sum(wts) for ch in range(3)])
+    row = torch.tensor(cols, dtype=torch.float32).T  # [3, size]
+    return (row[:, None, :].expand(3, size, size) / 127.5 - 1).contiguous()
+
+
+#: PIL rounds the filtered value to 8 bits: half a level in [-1,1] units, plus float slack
+HALF_LEVEL = 0.5 / 127.5 + 1e-6
+
+
 @pytest.fixture
 def personal(tmp_path: Path) -> Path:
     root = tmp_path / "shot_alice"
@@ -106,10 +127,13 @@ def test_personal_item_shape_range_and_values(personal: Path):
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32
         assert x.min() >= -1 and x.max() <= 1
         assert it["index"] == i and it["path"] == str(ds.paths[i]) and it["age"] == ds.ages[i]
-    x = ds[1]["image"]  # 40_1.png, resized 36x24 → 32x32; the leftmost/rightmost columns keep pure colours
-    assert torch.allclose(x[:, :, 0], torch.tensor([1.0, -1.0, -1.0])[:, None].expand(3, 32))
-    assert torch.allclose(x[:, :, -1], torch.full((3, 32), 51 / 127.5 - 1))  # = -0.6
-    assert math.isclose(51 / 127.5 - 1, -0.6, abs_tol=1e-9)
+    x = ds[1]["image"]  # 40_1.png, resized 36x24 → 32x32 (bilinear, as the fork's transforms.Resize)
+    ref = _bilinear_reference(_halves(), 32)
+    torch.testing.assert_close(x, ref, atol=HALF_LEVEL, rtol=0)
+    # the edge column j = 15 by hand: c = 17.4375, weights 3/18, 17/18 (red columns 16, 17), 1/18 (grey 18)
+    assert float(ref[0, 0, 15]) == pytest.approx((20 * 255 + 51) / 21 / 127.5 - 1)
+    assert torch.equal(x[:, :, 0], torch.tensor([1.0, -1.0, -1.0])[:, None].expand(3, 32))  # pure red
+    assert torch.allclose(x[:, :, -1], torch.full((3, 32), -0.6))  # pure grey 51
     gray = ds[0]["image"]  # grayscale → RGB: three equal channels
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     rgba = ds[2]["image"]  # RGBA → RGB: alpha dropped
@@ -120,6 +144,8 @@ def test_personal_flip_only_in_train(personal: Path):
     ref = PersonalFolderDataset(personal, size=32, train=False, flip_p=1.0)[1]["image"]
     assert ref[0, 0, 0] == 1.0  # test mode never flips, whatever flip_p
     always = PersonalFolderDataset(personal, size=32, train=True, flip_p=1.0)[1]["image"]
+    mirrored = _bilinear_reference(_halves()[:, ::-1], 32)  # the file mirrored by hand, then resized
+    torch.testing.assert_close(always, mirrored, atol=HALF_LEVEL, rtol=0)
     assert torch.equal(always, ref.flip(-1)) and always[0, 0, 0] < 0
     never = PersonalFolderDataset(personal, size=32, train=True, flip_p=0.0)[1]["image"]
     assert torch.equal(never, ref)
@@ -257,7 +283,8 @@ def test_synthetic_deterministic_shapes_and_ages():
         assert ia["image"].shape == (3, 64, 64) and ia["image"].dtype == torch.float32
         assert -1 <= ia["image"].min() and ia["image"].max() <= 1
         assert ia["path"] == f"synthetic://{i}" and ia["index"] == i
-    assert torch.equal(a[2]["image"], a[2]["image"])  # the same index twice: the same face
+    fresh = SyntheticFaces(n=6, size=64, seed=3, train=False)[2]  # read first, before any other index
+    assert torch.equal(a[2]["image"], fresh["image"])  # a face is a function of (seed, index), not of order
     assert not torch.equal(a[0]["image"], a[1]["image"])
     assert not all(torch.equal(a[i]["image"], c[i]["image"]) for i in range(6))
     ages = SyntheticFaces(n=200, min_age=20, max_age=25).ages

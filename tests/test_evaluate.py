@@ -18,7 +18,6 @@ from PIL import Image
 from agingnet import evaluate as ev
 from agingnet.config import CONFIG_DIR, compose_config
 from agingnet.data.datasets import SyntheticFaces
-from agingnet.losses.base import FrozenNets
 from agingnet.models import build_aging_net, build_arcface, build_dex
 from agingnet.nn.aging_net import add_age_channel
 from agingnet.pretrained import export_checkpoint, load_aging_model
@@ -29,7 +28,10 @@ from agingnet.viz import pil_to_tensor
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
     kw = yaml.safe_load((CONFIG_DIR / "model" / "tiny.yaml").read_text())["net"]
-    ckpt = export_checkpoint(build_aging_net(**{**kw, "pretrained_encoder": False}), d / "tiny.pt")
+    net = build_aging_net(**{**kw, "pretrained_encoder": False})
+    with torch.no_grad():  # a random tiny net's output barely depends on its input: scale the RGB input
+        net.encoder.input_layer[0].weight[:, :3] *= 100  # weights so that pairing output i with input j shows
+    ckpt = export_checkpoint(net, d / "tiny.pt")
     faces = d / "faces"
     faces.mkdir()
     ds = SyntheticFaces(n=3, size=256, train=False)
@@ -47,7 +49,19 @@ def _cfg(setup, out: Path, *extra: str):
                           config_name="evaluate")
 
 
-def test_reports_have_a_row_per_age_and_match_a_hand_computation(setup, tmp_path):
+def _seeded_lpips():
+    """LPIPS v0.1 on a random AlexNet straight from the lpips package, the same one every call (seed 0)."""
+    import lpips
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()
+
+
+def test_reports_have_a_row_per_age_and_match_a_hand_computation(setup, tmp_path, monkeypatch):
+    import agingnet.models
+
+    monkeypatch.setattr(agingnet.models, "build_lpips", lambda **kw: _seeded_lpips())
     out = tmp_path / "ev"
     res = ev.run_evaluation(_cfg(setup, out, "fid=true", "fid_features=arcface"))
     with open(out / "metrics.csv") as f:
@@ -63,19 +77,36 @@ def test_reports_have_a_row_per_age_and_match_a_hand_computation(setup, tmp_path
     assert data["meta"]["nets"]["arcface"] == "random" and data["meta"]["fid"].startswith("on (arcface")
     md = (out / "metrics.md").read_text()
     assert "| 20 | 3 |" in md and "| 60 | 3 |" in md and "| mean | 3 |" in md
-    # independently: rebuild the same random DEX / IR-SE50, run the network at 60, cosine by torch's formula
+    # independently: the same random DEX / IR-SE50 networks, the aged images from a plain const-noise forward,
+    # then every metric written out per image
     cfg = yaml.safe_load((CONFIG_DIR / "evaluate.yaml").read_text())["random_nets"]
-    dex, arc = build_dex(**cfg["dex"]), build_arcface(**cfg["arcface"])
-    nets = FrozenNets(arcface=arc, dex=dex)
+    dex, arc, lp = build_dex(**cfg["dex"]), build_arcface(**cfg["arcface"]), _seeded_lpips()
     net = load_aging_model(setup[0]).eval()
     x = torch.stack([pil_to_tensor(Image.open(setup[1] / f"{30 + i}_{i}.png")) for i in range(3)])
-    with torch.no_grad():
-        y, _ = net(add_age_channel(x, torch.full((3,), 0.6)), noise_mode="const")
-        mae = (dex.predict_age(y) - 60).abs().mean()
-        cos = F.cosine_similarity(nets.embed_face(y), nets.embed_face(x), dim=1).mean()
-    assert res["rows"][1]["age_mae"] == pytest.approx(float(mae), abs=1e-3)
-    assert res["rows"][1]["id_cos"] == pytest.approx(float(cos), abs=1e-4)
-    assert float(rows[1]["id_cos"]) == pytest.approx(float(cos), abs=1e-4)
+
+    def embed(img):  # SPEC §4: rows 35:223, columns 32:220 of the 256 px image, average-pooled to 112 px
+        return arc(F.adaptive_avg_pool2d(img[:, :, 35:223, 32:220], (112, 112)))[0]
+
+    def mean_std(v):  # population standard deviation
+        m = sum(v) / len(v)
+        return m, math.sqrt(sum((e - m) ** 2 for e in v) / len(v))
+
+    for k, t in enumerate([20, 60]):
+        preds, coss, lps = [], [], []
+        with torch.no_grad():
+            y, _ = net(add_age_channel(x, torch.full((3,), t / 100)), noise_mode="const")
+            for i in range(3):
+                preds.append(float(dex.predict_age(y[i : i + 1])[0]))
+                fy, fx = embed(y[i : i + 1]), embed(x[i : i + 1])
+                coss.append(float((fy * fx).sum() / (fy.norm() * fx.norm())))
+                lps.append(float(lp(y[i : i + 1], x[i : i + 1]).flatten()[0]))
+        row = res["rows"][k]
+        assert row["age_mae"] == pytest.approx(sum(abs(p - t) for p in preds) / 3, abs=1e-3)
+        assert (row["age_pred_mean"], row["age_pred_std"]) == pytest.approx(mean_std(preds), abs=1e-3)
+        assert (row["id_cos"], row["id_cos_std"]) == pytest.approx(mean_std(coss), abs=1e-5)
+        assert row["lpips"] == pytest.approx(sum(lps) / 3, abs=1e-5)  # pairing output i with input j: ~7e-4
+        assert float(rows[k]["id_cos"]) == pytest.approx(row["id_cos"], abs=1e-6)
+    assert res["mean"]["age_mae"] == pytest.approx((res["rows"][0]["age_mae"] + res["rows"][1]["age_mae"]) / 2)
 
 
 def test_fid_inception_is_skipped_clearly_without_torch_fidelity(setup, tmp_path):

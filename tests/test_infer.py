@@ -40,6 +40,21 @@ def net(ckpt):
 
 
 @pytest.fixture(scope="module")
+def age_ckpt(tmp_path_factory) -> Path:
+    """A tiny net whose age plane moves the codes: a random tiny encoder barely reads it (pixel changes of
+    ~1e-3), so its input weights on the age channel are scaled ×300 (changes of several 8-bit levels)."""
+    net = tiny_net()
+    with torch.no_grad():
+        net.encoder.input_layer[0].weight[:, 3] *= 300
+    return export_checkpoint(net, tmp_path_factory.mktemp("age_ckpt") / "age.pt")
+
+
+@pytest.fixture(scope="module")
+def age_net(age_ckpt):
+    return load_model(age_ckpt, use_ema=False)
+
+
+@pytest.fixture(scope="module")
 def x() -> torch.Tensor:
     ds = SyntheticFaces(n=1, size=256, train=False)
     return pil_to_tensor(Image.fromarray(ds.render(0))).unsqueeze(0)
@@ -91,6 +106,32 @@ def test_blend_layers_follow_the_strength(net, x):
         age_batch(net, x, [40], None, 0.5)
 
 
+def _blend_by_hand(ident: torch.Tensor, aged: torch.Tensor, s: float) -> torch.Tensor:
+    """SPEC §9 written out: W+ layers 8–12 take (1 − s)·identity + s·aged, every other layer the aged code."""
+    return torch.stack([(1 - s) * ident[:, i] + s * aged[:, i] if 8 <= i <= 12 else aged[:, i]
+                        for i in range(aged.shape[1])], dim=1)
+
+
+@torch.no_grad()
+def test_blend_pixels_are_the_decoder_on_hand_blended_codes(age_net, x):
+    """Pixels of the blend (s = 1, the plain forward: test_strength_one_is_a_plain_forward; s = 0 through the
+    app: test_fixed_input_age_blend_and_gif)."""
+    net = age_net
+    t, a = torch.tensor([70.0]), torch.tensor([30.0])
+    aged = net.encode(add_age_channel(x, t / 100))
+    ident = net.encode(add_age_channel(x, a / 100))
+    assert (aged[:, 8:13] - ident[:, 8:13]).abs().max() > 0.1  # the two codes differ where the blend acts
+    decode = lambda codes: net.decoder(codes, input_is_latent=True, noise_mode="const")  # noqa: E731
+    y = age_batch(net, x, [70], a, 0.5, False, output_size=256)[0]
+    want = decode(_blend_by_hand(ident, aged, 0.5))
+    assert want.shape == (1, 3, 256, 256)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=0)
+    assert (y - decode(aged)).abs().max() > 1e-2  # the blend moved the pixels away from the plain forward
+    # strict pose at s = 0: every layer's strength is 0, so the output is the identity-code forward at a
+    strict = age_batch(net, x, [70], a, 0.0, True, output_size=256)[0]
+    torch.testing.assert_close(strict, decode(ident), atol=1e-5, rtol=0)
+
+
 def test_output_names_disambiguate_stems():
     names = output_names([Path("a.png"), Path("a.jpg"), Path("b.png")])
     assert names == {Path("a.png"): "a_png", Path("a.jpg"): "a_jpg", Path("b.png"): "b"}
@@ -136,11 +177,12 @@ def test_run_inference_outputs_and_summary(ckpt, net, inputs, tmp_path):
     assert np.abs(pair[:, :64] - x64).max() <= 1.0
 
 
-def test_fixed_input_age_blend_and_gif(ckpt, inputs, tmp_path):
+def test_fixed_input_age_blend_and_gif(age_ckpt, age_net, inputs, tmp_path):
+    net = age_net
     src = tmp_path / "one"
     src.mkdir()
     (src / "face.png").write_bytes((inputs / "30_0.png").read_bytes())
-    cfg = {"checkpoint": str(ckpt), "input_dir": str(src), "output_dir": str(tmp_path / "o"),
+    cfg = {"checkpoint": str(age_ckpt), "input_dir": str(src), "output_dir": str(tmp_path / "o"),
            "target_ages": [50],
            "aging_strength": 0.0, "input_age": 35, "output_size": 32, "strip_tile": 32, "coupled": False,
            "strips": False, "gif": True, "progress": False}
@@ -149,6 +191,18 @@ def test_fixed_input_age_blend_and_gif(ckpt, inputs, tmp_path):
     with Image.open(tmp_path / "o" / "gifs" / "face.gif") as g:
         assert g.n_frames == 2 and g.size == (32, band_height(32) + 32)
     assert not (tmp_path / "o" / "coupled").exists() and (tmp_path / "o" / "age_50" / "face.png").is_file()
+    # the saved pixels: layers 8–12 from the code at the fixed input age 35, the rest from age 50 (s = 0),
+    # decoded with const noise and 8×8 block-averaged to 32 px
+    xin = pil_to_tensor(Image.open(src / "face.png")).unsqueeze(0)
+    with torch.no_grad():
+        aged = net.encode(add_age_channel(xin, torch.tensor([0.50])))
+        ident = net.encode(add_age_channel(xin, torch.tensor([0.35])))
+        img = net.decoder(_blend_by_hand(ident, aged, 0.0), input_is_latent=True, noise_mode="const")
+        plain = net.decoder(aged, input_is_latent=True, noise_mode="const")
+    u8 = lambda im: ((F.avg_pool2d(im, 8)[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).numpy()  # noqa: E731
+    got = np.asarray(Image.open(tmp_path / "o" / "age_50" / "face.png")).astype(np.float64)
+    assert np.abs(got - u8(img)).max() <= 1.0
+    assert np.abs(got - u8(plain)).max() >= 3.0  # the check tells s = 0 from a plain forward at 50
 
 
 def test_use_ema_auto_picks_the_shadow(tmp_path):

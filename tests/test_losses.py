@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +193,108 @@ def test_schedule_values(spec, step, expected):
 def test_schedule_malformed(spec, match):
     with pytest.raises(ValueError, match=match):
         WeightSchedule(spec, base=0.0)
+
+
+# ------------------------------------------------------------------------------------------- id crop geometry
+def pool_matrix(n_in, n_out):
+    """Adaptive average pooling as a matrix: output i averages inputs ⌊i·n/m⌋ … ⌈(i+1)·n/m⌉ − 1."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
+class RecordingEmbed(MeanColourEmbed):
+    """Records what the identity network is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("side", [256, 1024])
+def test_id_loss_feeds_crop_c_pooled_to_112(side):
+    """SPEC §4: f(·) pools the image to 256, takes rows 35:223 and columns 32:220, pools that to 112."""
+    g = torch.Generator().manual_seed(side)
+    y_hat = torch.rand(2, 3, side, side, generator=g) * 2 - 1
+    y = torch.rand(2, 3, side, side, generator=g) * 2 - 1
+    emb = RecordingEmbed()
+    ctx = LossContext(x=y, y=y, y_hat=y_hat, codes=torch.zeros(2, 4, 8), latent_avg=torch.zeros(4, 8),
+                      input_ages=torch.zeros(2), target_ages=torch.zeros(2), nets=FrozenNets(arcface=emb))
+    IDLoss()(ctx)
+    assert [tuple(t.shape) for t in emb.inputs] == [(2, 3, 112, 112)] * 2  # ŷ, then y (x ≡ y: embedded once)
+    p256, p112 = pool_matrix(side, 256), pool_matrix(188, 112)
+    for got, img in zip(emb.inputs, (y_hat, y)):
+        expect = p112 @ (p256 @ img.double() @ p256.T)[:, :, 35:223, 32:220] @ p112.T
+        torch.testing.assert_close(got, expect.float(), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- lpips
+@pytest.fixture(scope="module")
+def lpips_pair():
+    """(agingnet's LPIPS net, the `lpips` package's own net with the same random AlexNet backbone).
+
+    No pretrained AlexNet is needed: the backbone is random (``backbone_pretrained=False``) and copied into the
+    reference; the v0.1 linear heads of both come from the files shipped in the package.
+    """
+    lpips = pytest.importorskip("lpips")
+    from agingnet.models import build_lpips
+
+    torch.manual_seed(0)
+    ours = build_lpips(backbone_pretrained=False)
+    with warnings.catch_warnings():  # torchvision's notice about the package's `pretrained` argument
+        warnings.simplefilter("ignore", UserWarning)
+        ref = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()
+    backbone = {k: v for k, v in ours.state_dict().items() if k.startswith("net.")}
+    assert backbone and not ref.load_state_dict(backbone, strict=False).unexpected_keys
+    return ours, ref
+
+
+def test_lpips_heads_are_the_shipped_v01_alex_weights(lpips_pair):
+    import lpips
+
+    ours, _ = lpips_pair
+    shipped = torch.load(Path(lpips.__file__).parent / "weights/v0.1/alex.pth", map_location="cpu",
+                         weights_only=True)
+    state = ours.state_dict()
+    assert len(shipped) == 5
+    for k, v in shipped.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in ours.parameters()) and not ours.training
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_lpips_loss_matches_the_lpips_package(lpips_pair, crop):
+    from agingnet.losses.lpips_loss import LPIPSLoss
+
+    ours, ref = lpips_pair
+    g = torch.Generator().manual_seed(1)
+    y = torch.rand(2, 3, 256, 256, generator=g) * 2 - 1
+    y_hat = (y + 0.4 * torch.randn(2, 3, 256, 256, generator=g)).clamp(-1, 1)
+    y_hat[1] = y[1]  # an identical pair scores 0
+    y_hat.requires_grad_(True)
+    ctx = LossContext(x=y, y=y, y_hat=y_hat, codes=torch.zeros(2, 4, 8), latent_avg=torch.zeros(4, 8),
+                      input_ages=torch.zeros(2), target_ages=torch.zeros(2), nets=FrozenNets(lpips=ours))
+    value, logs = LPIPSLoss(crop=crop)(ctx)
+    a, b = (y_hat[:, :, 35:223, 32:220], y[:, :, 35:223, 32:220]) if crop else (y_hat, y)
+    with torch.no_grad():
+        per_pair = ref(a.detach(), b)  # [-1, 1] inputs, the package's default (normalize=False)
+    assert per_pair.shape == (2, 1, 1, 1) and per_pair[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert value.ndim == 0 and logs == {}
+    assert value.item() == pytest.approx(per_pair.mean().item(), rel=1e-5) and value.item() > 0.01
+    value.backward()
+    assert y_hat.grad.abs().sum() > 0
+    if crop:  # nothing outside crop C gets gradient
+        assert y_hat.grad[:, :, :35].abs().sum() == 0 and y_hat.grad[:, :, :, 220:].abs().sum() == 0
+
+
+def test_lpips_loss_without_network_names_it():
+    from agingnet.losses.lpips_loss import LPIPSLoss
+
+    with pytest.raises(RuntimeError, match=r"needs the LPIPS network \(model.lpips\)"):
+        LPIPSLoss()(make_ctx())

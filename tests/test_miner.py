@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.nn import functional as F
 
+from agingnet.config import compose_config
+from agingnet.losses.contrastive_id import ContrastiveIDLoss
+from agingnet.losses.registry import REGISTRY_KEYS
 from agingnet.miner import (
     PROFILES,
     ImpostorBank,
@@ -70,12 +77,15 @@ def test_bin_rule():
 
 
 def test_profiles_and_overrides():
-    base = PROFILES["baseline"]
-    assert (base.k, base.min_sim, base.max_sim) == (64, 0.20, 0.70)
-    assert (PROFILES["soft"].k, PROFILES["soft"].max_sim) == (48, 0.65)
+    # the fork's profiles: (k, top_m, min_sim, max_sim)
+    fork = {"baseline": (64, 512, 0.20, 0.70), "soft": (48, 768, 0.25, 0.65), "soft060": (48, 768, 0.25, 0.60),
+            "soft32": (32, 768, 0.25, 0.65)}
+    assert set(fork) == set(PROFILES)
+    for name, expect in fork.items():
+        c = MinerConfig.from_profile(name)
+        assert (c.k, c.top_m, c.min_sim, c.max_sim) == expect, name
     seed = MinerConfig.from_profile("soft-0.60")
     assert (seed.k, seed.top_m, seed.min_sim, seed.max_sim) == (48, 768, 0.25, 0.60)
-    assert MinerConfig.from_profile("soft32").k == 32
     c = MinerConfig.from_profile("soft060", k=16, max_sim=0.5, backend=None)
     assert (c.k, c.max_sim, c.backend) == (16, 0.5, "faiss")
     with pytest.raises(ValueError, match="profile 'hard' is unknown"):
@@ -86,6 +96,16 @@ def test_profiles_and_overrides():
         MinerConfig(min_sim=0.7, max_sim=0.6)
     with pytest.raises(ValueError, match="backend 'annoy'"):
         MinerConfig(backend="annoy")
+
+
+@pytest.mark.parametrize("profile, expect", [("soft32", (32, 768, 0.25, 0.65)), ("baseline", (64, 512, 0.20, 0.70))])
+def test_miner_config_group_builds_the_fork_profile(profile, expect, tmp_path):
+    """``miner=<profile>`` on the command line gives the contrastive term the fork's profile."""
+    cfg = compose_config(["experiment=phase3_oneshot_40", f"miner={profile}"], output_dir=tmp_path)
+    spec = OmegaConf.to_container(cfg.loss.contrastive_id, resolve=True)
+    term = instantiate({k: v for k, v in spec.items() if k not in REGISTRY_KEYS})
+    c = term.cfg
+    assert isinstance(term, ContrastiveIDLoss) and (c.k, c.top_m, c.min_sim, c.max_sim) == expect
 
 
 # ------------------------------------------------------------------------------------------- mining rules
@@ -132,16 +152,35 @@ def test_relaxation_lowers_band_by_005_steps():
 
 
 def test_random_fill_after_band_reaches_zero():
-    # 5 usable members (sim 0.05 ≥ 0 once the band is down to 0), the rest negative: 3 pads of sim 0
+    # 5 usable members (sim 0.05 ≥ 0 once the band is down to 0), the rest negative: 3 pads
     bank = geometry_bank({4: [0.05] * 5 + [-0.5] * 6, 2: [-0.4] * 6, 9: [0.5] * 4})
     ids, sims, st = miner(bank).mine_ids(q0(), torch.tensor([40.0]))
     assert st["band_min"] == 0.0 and st["k_effective"] == 5 and st["pad_count"] == 3
-    assert st["sim_mean"] == pytest.approx(5 * 0.05 / 8, abs=1e-6)  # pads are counted 0
-    assert sorted(sims[0].tolist(), reverse=True)[:5] == pytest.approx([0.05] * 5, abs=1e-6)
-    covering = {r for r in range(len(bank)) if 1 <= int(bank.bin_ids[r]) <= 7}
-    assert set(ids[0].tolist()) <= covering and members(bank, {4}, 0.05, 0.05) <= set(ids[0].tolist())
+    # every similarity, padded or not, is the real ⟨q, e⟩ of the member the loss will use
+    real = [float(bank.embeddings[i] @ q0()[0]) for i in ids[0].tolist()]
+    assert sims[0].tolist() == pytest.approx(real, abs=1e-6)
+    assert st["sim_mean"] == pytest.approx(sum(real) / 8, abs=1e-6)
+    assert set(ids[0].tolist()) <= members(bank, {4}, -1, 1) and members(bank, {4}, 0.05, 0.05) <= set(ids[0].tolist())
     neg, _ = miner(bank).mine(q0(), torch.tensor([40.0]))
     assert neg.shape == (1, 8, D) and not neg.requires_grad
+
+
+def test_padding_draws_from_the_target_bins_not_the_widened_window():
+    # bin 4 (38-42) holds 3 members, its neighbours within ±3 bins 20 each; nobody is in any band (all < 0),
+    # so the radius widens to 3 and the floor drops to 0 before padding: the pads must still come from bin 4
+    far = {i: [-0.5] * 20 for i in (1, 2, 3, 5, 6, 7)}
+    bank = geometry_bank({4: [-0.3] * 3, **far})
+    ids, sims, st = miner(bank, k=12).mine_ids(q0(4), torch.full((4,), 40.0))
+    assert st["k_effective"] == 0 and st["radius_used"] == 3 and st["band_min"] == 0.0
+    assert set(ids.flatten().tolist()) <= members(bank, {4}, -1, 1)
+    assert torch.allclose(sims, torch.full_like(sims, -0.3), atol=1e-6)
+    # a profile radius of 1 pads from bins 3-5
+    ids, _, _ = miner(bank, k=12, radius=1).mine_ids(q0(4), torch.full((4,), 40.0))
+    assert set(ids.flatten().tolist()) <= members(bank, {3, 4, 5}, -1, 1)
+    # empty target bin: the pad window widens only as far as the nearest non-empty bins (2 and 6 here)
+    bank = geometry_bank({i: [-0.5] * 20 for i in (1, 2, 6, 7)})
+    ids, _, _ = miner(bank, k=12).mine_ids(q0(4), torch.full((4,), 40.0))
+    assert set(ids.flatten().tolist()) <= members(bank, {2, 6}, -1, 1)
 
 
 def test_per_query_relaxation_and_mean_candidates():
@@ -202,8 +241,29 @@ def test_window_without_bins_raises():
 
 
 def test_bench_mining_small():
-    out = bench_mining(n=2000, d=32, queries=4, repeats=2, backend="torch")
-    assert out["backend"] == "torch" and out["ms_mean"] > 0 and out["n"] == 2000
+    n, d, nq, repeats = 2000, 8, 4, 3  # d = 8: members on both sides of both band edges
+    t0 = time.perf_counter()
+    out = bench_mining(n=n, d=d, queries=nq, repeats=repeats, backend="torch")
+    wall_ms = 1000 * (time.perf_counter() - t0)
+    assert (out["backend"], out["n"], out["d"], out["queries"], out["repeats"]) == ("torch", n, d, nq, repeats)
+    # the timings are of the calls made inside this wall time: consistent with each other and with it
+    assert 0 < out["ms_min"] <= out["ms_p50"] and out["ms_min"] <= out["ms_mean"]
+    assert repeats * out["ms_mean"] <= wall_ms
+    # candidate_count against a brute-force count on the documented bench bank: unit Gaussian embeddings,
+    # ages U[18, 80], queries = bank members + 0.08·noise at target 40; soft060: top-768, bin 38-42, [0.25, 0.60]
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    bank = ImpostorBank.from_embeddings(emb, 18 + 62 * torch.rand(n, generator=g))
+    pick = torch.randint(0, n, (nq,), generator=g)
+    q = F.normalize(bank.embeddings[pick] + 0.08 * torch.randn(nq, d, generator=g), dim=1).double().numpy()
+    e = bank.embeddings.double().numpy()
+    in_bin = (bank.ages.numpy() >= 38) & (bank.ages.numpy() < 43)
+    counts = []
+    for row in q:  # per-query Python reference
+        s = e @ row
+        top = np.argsort(-s)[:768]
+        counts.append(sum(1 for i in top if in_bin[i] and 0.25 <= s[i] <= 0.60))
+    assert sum(counts) > 0 and out["candidate_count"] == pytest.approx(np.mean(counts))
 
 
 # ------------------------------------------------------------------------------------------- bad banks
@@ -262,9 +322,35 @@ def test_empty_bin_warns_and_is_skipped(tmp_path):
         ImpostorBank.load(p)
 
 
-def test_contrastive_value_is_finite_for_all_pads():
-    """Sanity of the padding path: k draws even when the band ends empty (no NaN similarities)."""
-    bank = geometry_bank({4: [-0.9] * 3})
-    ids, sims, st = miner(bank, k=6).mine_ids(q0(), torch.tensor([40.0]))
-    assert st["k_effective"] == 0 and torch.all(sims == 0) and math.isfinite(st["sim_std"])
-    assert set(ids[0].tolist()) <= {0, 1, 2}
+def test_contrastive_loss_on_padded_negatives_matches_formula():
+    """SPEC §4: mean_b logsumexp_j(⟨q_b, n_j⟩/τ) over the mined negatives, here all padding (nobody in any band);
+    the loss and the logged similarities agree, and the negatives carry no gradient."""
+    bank = geometry_bank({4: [-0.9, -0.5, -0.2]})
+    k, tau = 6, 0.12
+    ref_ids, _, _ = miner(bank, k=k).mine_ids(q0(2), torch.tensor([40.0, 41.0]))  # same seed: same draws
+    term = ContrastiveIDLoss("unused.pt", k=k, backend="torch", temperature=tau)
+    term._miner = real = miner(bank, k=k)
+    handed = []
+
+    def mine(queries, ages):  # the real miner, its negatives made leaves that would collect any gradient
+        neg, stats = real.__class__.mine(real, queries, ages)
+        handed.append(neg.requires_grad_(True))
+        return neg, stats
+
+    real.mine = mine
+    q = q0(2).clone().requires_grad_(True)
+    ctx = SimpleNamespace(target_ages=torch.tensor([0.40, 0.41]), feat_y_hat=q, y_hat=torch.zeros(2, 3, 4, 4))
+    value, logs = term(ctx)
+    e = bank.embeddings.detach()
+    sims = [[float(e[i, 0]) for i in row] for row in ref_ids.tolist()]  # ⟨e0, n⟩ = first coordinate
+    expect = sum(math.log(sum(math.exp(s / tau) for s in row)) for row in sims) / 2
+    assert math.isfinite(value.item()) and value.item() == pytest.approx(expect, rel=1e-5)
+    assert logs["k_effective"] == 0 and logs["pad_count"] == k
+    assert logs["sim_mean"] == pytest.approx(sum(map(sum, sims)) / (2 * k), abs=1e-6)  # what the loss used
+    value.backward()
+    assert len(handed) == 1 and handed[0].grad is None
+    grad = torch.zeros(2, D)
+    for b, row in enumerate(ref_ids.tolist()):  # ∂/∂q_b = (1/B)·Σ_j softmax_j(s/τ)·n_j/τ, negatives constant
+        w = torch.softmax(torch.tensor(sims[b], dtype=torch.float64) / tau, 0)
+        grad[b] = (w[:, None] * e[row].double()).sum(0).float() / tau / 2
+    torch.testing.assert_close(q.grad, grad, rtol=1e-5, atol=1e-6)

@@ -283,6 +283,29 @@ def test_fork_layout_blender_and_adapter_ema(tmp_path, x, fork_src, shadow):
     assert_same(ema, ref_ema, x)
 
 
+def test_fork_256px_checkpoint_with_18_style_blender_loads(tmp_path, x):
+    """The fork builds ``Blender()`` with 18 styles whatever the output size: a 256 px fork run (14 styles) carries
+    an 18-style adapter. Its size comes from its own tensors; it loads (unused) and cannot be switched on."""
+    chans = {4: 8, 8: 8, 16: 8, 32: 8, 64: 4, 128: 4, 256: 4}
+    src = scramble(build_aging_net(size=256, style_dim=32, n_mlp=2, channels=chans, encoder_widths=IRSE["widths"],
+                                   encoder_units=IRSE["units"], fork_variant=True, seed=3), 103)
+    torch.manual_seed(4)
+    blender18 = scramble(Blender(n_styles=18, style_dim=32), 104)
+    sd = {**prefixed(src), **{f"blender.{k}": v.clone() for k, v in blender18.state_dict().items()}}
+    assert src.n_styles == 14 and tuple(sd["blender.global_mlp.0.weight"].shape) == (128, 18 * 32)
+    p = tmp_path / "phase3_last.pt"
+    torch.save({"state_dict": sd, "optimizer": {"state": {}, "param_groups": []}, "global_step": 7,
+                "opts": {"output_size": 256, "use_blender": False}, "latent_avg": src.latent_avg.clone()}, p)
+    net = load_aging_model(p)
+    assert (net.n_styles, net.blender.n_styles, net.use_blender) == (14, 18, False)
+    torch.testing.assert_close(net.blender.state_dict(), blender18.state_dict(), atol=0, rtol=0)
+    assert_same(net, src, x)
+    assert export_state(net)["state_dict"].keys() == sd.keys()  # written back with its 18 styles
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: use_blender=true but the adapter (blender.*) has "
+                                                        f"18 styles and the 256 px decoder 14")):
+        load_aging_model(p, use_blender=True)
+
+
 def test_export_round_trip(tmp_path, x, fork_src, shadow):
     p = export_checkpoint(fork_src, tmp_path / "out" / "last.pt", ema={"decoder": shadow}, ema_decay=0.99,
                           global_step=42, opts={"lr": 3e-4}, optimizer={"state": {}, "param_groups": []})

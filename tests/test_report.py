@@ -7,18 +7,27 @@ import pytest
 from agingnet import report
 
 
-def _run(tmp_path, name, ids, in_window=1.0, plateau=True, ema=1, pairs=2.0, age_lock=False):
+def _per(v, i):
+    return v[i] if isinstance(v, list) else v
+
+
+def _run(tmp_path, name, ids, in_window=1.0, plateau=True, ema=1, pairs=2.0, age_lock=False, fixed_age=40):
+    """A run folder: ``in_window``/``ema``/``pairs`` are one value or one per validation (``ema=None``: no
+    ``used_ema=`` line; ``pairs=None``: no ROI statistics in that record)."""
     ck = tmp_path / name / "checkpoints"
     ck.mkdir(parents=True)
-    lines = ["phase3: fixed_age=40 jitter=2 miner_window=[38,42] lr=1.5e-05 resume=/b.pt step=50500"]
+    lines = [f"phase3: fixed_age={fixed_age} jitter=2 miner_window=[38,42] lr=1.5e-05 resume=/b.pt step=50500"]
     recs, best = [], None
     for i, v in enumerate(ids):
         step = 51000 + 500 * i
         total = 0.3 + v
-        lines.append(f"used_ema={ema} id={v:.3f} lpips=0.134 l2=0.009 step={step}")
+        ema_i = _per(ema, i)
+        if ema_i is not None:
+            lines.append(f"used_ema={ema_i} id={v:.3f} lpips=0.134 l2=0.009 step={step}")
         rec = {"step": step, "val/total": total, "val/real/id": v, "val/real/lpips": 0.134, "val/real/l2": 0.009,
-               "val/real/w_norm": 37.0, "val/aging/in_window": in_window, "used_ema": ema,
-               "roi/roi_pairs_eyes": pairs, "roi/roi_pairs_mouth": 2.0}
+               "val/real/w_norm": 37.0, "val/aging/in_window": _per(in_window, i), "used_ema": ema_i or 0}
+        if _per(pairs, i) is not None:
+            rec.update({"roi/roi_pairs_eyes": _per(pairs, i), "roi/roi_pairs_mouth": 2.0})
         if age_lock and i == 1:
             lines.append("AGE-LOCK: output age 45.1 outside [38,42]")
         if best is None or total < best:
@@ -54,11 +63,28 @@ def test_passing_run(tmp_path):
     assert len(snaps) == 4 and snaps[-1].startswith("52.5k: loss≈0.47;")
 
 
-def test_failing_run(tmp_path):
-    run = report.load_run(_run(tmp_path, "bad", [0.15, 0.14, 0.16, 0.17], in_window=0.5, plateau=False, ema=0,
-                               pairs=0.0, age_lock=True))
+GOOD_IDS = [0.20, 0.19, 0.18, 0.17]
+CRITERIA = ["age lock", "plateau markers", "identity trend", "roi pairs > 0", "used_ema=1"]
+
+
+@pytest.mark.parametrize("failing,kw", [
+    ("age lock", {"age_lock": True}),  # an AGE-LOCK: line
+    ("age lock", {"in_window": [1.0, 0.75, 1.0, 1.0]}),  # one validation with outputs outside the window
+    ("age lock", {"fixed_age": "none"}),  # no window named in the phase3: line
+    ("plateau markers", {"plateau": False}),
+    ("identity trend", {"ids": [0.15, 0.14, 0.16, 0.17]}),  # rolling means 0.15, 0.1567: +4.4 % > 1 %
+    ("roi pairs > 0", {"pairs": [2.0, 0.0, 2.0, 2.0]}),  # one region at 0 in one validation
+    ("roi pairs > 0", {"pairs": [2.0, 2.0, None, 2.0]}),  # a validation without ROI statistics
+    ("used_ema=1", {"ema": [1, 0, 1, 1]}),  # one evaluation on the raw weights
+    ("used_ema=1", {"ema": None}),  # no used_ema= line at all
+], ids=["age_lock_line", "in_window", "no_window", "plateau", "identity_trend", "roi_zero", "roi_missing",
+        "ema_0", "ema_none"])
+def test_each_criterion_fails_alone(tmp_path, failing, kw):
+    ids = kw.pop("ids", GOOD_IDS)
+    run = report.load_run(_run(tmp_path, "bad", ids, **kw))
     verdicts = {name: ok for name, ok, _ in report.criteria(run)}
-    assert not any(verdicts.values())
+    assert verdicts == {c: c != failing for c in CRITERIA}
+    assert f"| {failing} | FAIL |" in report.render([run])
 
 
 def test_cli_two_runs_writes_markdown_and_png(tmp_path, capsys):

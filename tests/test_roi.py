@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agingnet.landmarks import TEMPLATE_68
+from agingnet.losses import roi_id as roi_id_module
 from agingnet.losses.base import FrozenNets, LossContext
 from agingnet.losses.roi_id import ROIIDLoss
 from agingnet.roi import FALLBACK, REGIONS, clip_boxes, crop_boxes, jitter_boxes, region_boxes
@@ -30,6 +31,15 @@ class TinyEmbed(nn.Module):
 
     def forward(self, x):
         return F.normalize(self.fc(torch.tanh(self.conv(x)).flatten(1)), dim=1)
+
+
+class MeanEmbed(nn.Module):
+    """A cheap stand-in where only the crop geometry matters: normalized channel means."""
+
+    input_size = 112
+
+    def forward(self, x):
+        return F.normalize(x.mean((2, 3)) + 2, dim=1)
 
 
 def make_ctx(y, y_hat, nets):
@@ -75,17 +85,26 @@ def test_region_boxes_from_known_landmarks():
     assert torch.allclose(boxes[0], torch.tensor([90.5, 150.5, 170.5, 230.5]))
 
 
-def test_fallback_boxes_and_flags():
+def _padded_square(rel, size, pad):
+    """SPEC §6 by hand: side max(w, h)·(1 + pad) around the centre of the relative box rel·size."""
+    x0, y0, x1, y1 = (v * size for v in rel)
+    cx, cy, s = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * (1 + pad)
+    return torch.tensor([cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2])
+
+
+def test_fallback_boxes_are_padded_squares_and_flagged():
     pts = landmark_points(3)
     pts[2, 40] = float("nan")
-    boxes, fb = region_boxes(pts, torch.tensor([True, False, True]), "mouth", 200)
+    boxes, fb = region_boxes(pts, torch.tensor([True, False, True]), "mouth", 200, pad=0.35)
     assert fb.tolist() == [False, True, True]
-    expect = torch.tensor([0.35, 0.60, 0.65, 0.86]) * 200
+    expect = _padded_square((0.35, 0.60, 0.65, 0.86), 200, 0.35)  # 60 × 52 → side 81, centre (100, 146)
+    assert torch.allclose(expect, torch.tensor([59.5, 105.5, 140.5, 186.5]))
     assert torch.allclose(boxes[1], expect) and torch.allclose(boxes[2], expect)
     assert not torch.allclose(boxes[0], expect)
     for r, rel in FALLBACK.items():
-        b, f = region_boxes(pts[:1], torch.tensor([False]), r, 256)
-        assert f.all() and torch.allclose(b[0], torch.tensor(rel) * 256)
+        for pad in (0.0, 0.35):
+            b, f = region_boxes(pts[:1], torch.tensor([False]), r, 256, pad=pad, clip=False)
+            assert f.all() and torch.allclose(b[0], _padded_square(rel, 256, pad), atol=1e-4), (r, pad)
 
 
 def test_boxes_are_clipped():
@@ -170,6 +189,49 @@ def _template_box(rel_idx, size, pad):
     return torch.tensor([cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2])
 
 
+def _pool_matrix(n_in, n_out):
+    """Adaptive average pooling as a matrix: output i averages inputs ⌊i·n/m⌋ … ⌈(i+1)·n/m⌉ − 1."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
+def _id_path(img):
+    """f's input by hand (SPEC §4): pool the [3,S,S] image to 256, crop C = rows 35:223, cols 32:220, pool to 112."""
+    p256 = _pool_matrix(img.shape[-1], 256)
+    x = p256 @ img.double() @ p256.T
+    x = x[:, 35:223, 32:220]
+    p112 = _pool_matrix(188, 112)
+    return (p112 @ x @ p112.T).float()
+
+
+class RecordingEmbed(TinyEmbed):
+    """TinyEmbed that records every batch it embeds."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return super().forward(x)
+
+
+def test_roi_id_embeds_the_crop_through_the_id_feature_path():
+    """The ROI crop goes through f of the id loss: pooled to 256, crop C, pooled to 112 (SPEC §4, §6)."""
+    emb = RecordingEmbed()
+    nets = FrozenNets(arcface=emb)
+    y, y_hat = face_batch(2, 0), face_batch(2, 1)
+    ROIIDLoss(regions=("eyes",), jitter=0.0, landmarks="template", pad=0.35)(make_ctx(y, y_hat, nets))
+    box = _template_box(set(range(36, 48)), 256, 0.35)
+    src, gen = emb.inputs  # source crops first (no gradient), then the generated ones
+    for b in range(2):
+        torch.testing.assert_close(src[b], _id_path(_manual_crop(y[b], box, 112)), atol=2e-4, rtol=0)
+        torch.testing.assert_close(gen[b], _id_path(_manual_crop(y_hat[b], box, 112)), atol=2e-4, rtol=0)
+
+
 def test_roi_id_value_matches_manual_computation():
     torch.manual_seed(0)
     nets = FrozenNets(arcface=TinyEmbed())
@@ -180,8 +242,8 @@ def test_roi_id_value_matches_manual_computation():
     for idx in (range(36, 48), range(48, 68)):
         box = _template_box(set(idx), 256, 0.35)
         for b in range(2):
-            a = nets.arcface(_manual_crop(y[b], box, 112)[None])
-            g = nets.arcface(_manual_crop(y_hat[b].detach(), box, 112)[None])
+            a = nets.arcface(_id_path(_manual_crop(y[b], box, 112))[None])
+            g = nets.arcface(_id_path(_manual_crop(y_hat[b].detach(), box, 112))[None])
             dists.append(1 - (a * g).sum() / (a.norm() * g.norm()))
     manual = torch.stack(dists).mean()
     assert value.item() == pytest.approx(manual.item(), abs=1e-4)
@@ -194,6 +256,62 @@ def test_roi_id_value_matches_manual_computation():
     assert y_hat.grad is not None and y_hat.grad.abs().sum() > 0
     assert y_hat.grad[:, :, :60].abs().sum() == 0  # nothing above the eyes box gets gradient
     assert ROIIDLoss.default_passes == ("real",)
+
+
+class BoxRecorder:
+    """Wraps :func:`agingnet.roi.crop_boxes` and records the boxes the loss crops."""
+
+    def __init__(self):
+        self.boxes = []
+
+    def __call__(self, images, boxes, out_size):
+        self.boxes.append(boxes.detach().clone())
+        return crop_boxes(images, boxes, out_size)
+
+
+def test_roi_fallback_boxes_are_padded_squared_and_jittered(monkeypatch):
+    """Failed landmarks: every fallback box gets side max(w,h)·(1+pad), centre ±j·s and scale 1 ± j (SPEC §6)."""
+    rec = BoxRecorder()
+    monkeypatch.setattr(roi_id_module, "crop_boxes", rec)
+    nets, n, pad, j = FrozenNets(arcface=MeanEmbed()), 100, 0.35, 0.06
+    y = face_batch(1, 0).expand(n, -1, -1, -1)
+    loss = ROIIDLoss(regions=("eyes", "mouth"), jitter=j, pad=pad, seed=3)
+    loss.detector = FakeDetector([False] * n, [False] * n)
+    loss(make_ctx(y, y, nets))
+    assert len(rec.boxes) == 4  # eyes (source, generated), mouth (source, generated)
+    for k, region in enumerate(("eyes", "eyes", "mouth", "mouth")):
+        ref = _padded_square(FALLBACK[region], 256, pad)
+        assert 0 < ref[0] and ref[2] < 256 and 0 < ref[1] and ref[3] < 256  # inside: the clip does nothing
+        s0, c0 = float(ref[2] - ref[0]), (ref[:2] + ref[2:]) / 2
+        box = rec.boxes[k]
+        side, c = box[:, 2:] - box[:, :2], (box[:, :2] + box[:, 2:]) / 2
+        torch.testing.assert_close(side[:, 0], side[:, 1])  # still square after the jitter
+        scale, shift = side[:, 0] / s0, (c - c0) / s0
+        assert scale.min() >= 1 - j - 1e-5 and scale.max() <= 1 + j + 1e-5
+        assert scale.min() < 1 - 0.8 * j and scale.max() > 1 + 0.8 * j
+        assert shift.abs().max() <= j + 1e-5 and (shift.abs().amax(dim=0) > 0.8 * j).all()
+    assert not torch.equal(rec.boxes[0], rec.boxes[1])  # source and generated crops jittered independently
+
+
+def test_jitter_uses_the_padded_side_and_clips_afterwards(monkeypatch):
+    """A border box: jitter reads the unclipped padded square (s, c); the clip comes last (SPEC §6 order)."""
+    rec = BoxRecorder()
+    monkeypatch.setattr(roi_id_module, "crop_boxes", rec)
+    pad, j, seed, size, n = 0.8, 0.06, 5, 256, 8
+    y = face_batch(1, 0).expand(n, -1, -1, -1)
+    loss = ROIIDLoss(regions=("broweyes",), jitter=j, pad=pad, seed=seed)
+    loss.detector = FakeDetector([False] * n, [False] * n)
+    loss(make_ctx(y, y, FrozenNets(arcface=MeanEmbed())))
+    ref = _padded_square(FALLBACK["broweyes"], size, pad)  # 133.12·1.8 = 239.6 wide, centre y 96: y0 < 0
+    assert ref[1] < 0
+    # the source boxes take the generator's first draws: 3 uniforms per box (shift x, shift y, scale)
+    u = (torch.rand(n, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * j
+    s, c = float(ref[2] - ref[0]), (ref[:2] + ref[2:]) / 2
+    c_new, half = c + u[:, :2] * s, (s * (1 + u[:, 2:3])) / 2
+    expect = torch.cat([c_new - half, c_new + half], dim=1)
+    expect = torch.cat([expect[:, :2].clamp(0, size - 1), expect[:, 2:].clamp(max=size)], dim=1)
+    torch.testing.assert_close(rec.boxes[0], expect, atol=1e-4, rtol=0)
+    assert (rec.boxes[0][:, 1] == 0).all()
 
 
 def test_identical_images_give_zero_and_jitter_is_independent():

@@ -19,14 +19,15 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from agingnet import world
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -270,38 +271,12 @@ class FFHQFolderDataset(_FolderDataset):
 # ----------------------------------------------------------------------------------------------------
 # Procedural faces
 
-_SKIN_LIGHT, _SKIN_DARK = np.array([238, 196, 170.0]), np.array([105, 70, 50.0])
-_HAIR = np.array(
-    [[28, 24, 20], [62, 40, 24], [115, 78, 45], [196, 160, 100], [150, 64, 32]], dtype=np.float64
-)
-_EYES = np.array(
-    [[70, 45, 25], [55, 95, 150], [65, 105, 60], [105, 85, 50], [95, 105, 115]], dtype=np.float64
-)
-_GREY = np.array([212, 212, 214.0])
-_DRAW_VERSION = 1  # bump when the drawing changes: it enters the fingerprint
-
-
-def _rgb(c: np.ndarray | Sequence[float]) -> tuple[int, int, int]:
-    r, g, b = np.clip(np.asarray(c, dtype=np.float64), 0, 255).round().astype(int)
-    return int(r), int(g), int(b)
-
-
-def _age_cues(age: float) -> tuple[float, float, float, float]:
-    """(grey, wrinkle, sag, child) ∈ [0,1]: grey = (a−35)/40, wrinkle = (a−28)/45, sag = (a−40)/40,
-    child = (18−a)/14, each clipped to [0, 1]."""
-    clip = lambda v: float(min(max(v, 0.0), 1.0))  # noqa: E731
-    return clip((age - 35) / 40), clip((age - 28) / 45), clip((age - 40) / 40), clip((18 - age) / 14)
-
-
 class SyntheticFaces(_FaceDataset):
-    """Procedural FFHQ-aligned faces with an age label: no downloads, deterministic per index.
+    """Procedural FFHQ-aligned faces with an age label from the aging world: no downloads, deterministic.
 
-    Layout (fractions of ``size``): face oval centred at x=0.5, eyes at y≈0.45 with centres x≈0.38/0.62, nose
-    from y≈0.50 to 0.62, mouth at y≈0.72. Identity per index (seeded by ``(seed, index)``): face shape, skin
-    tone, eye and hair colour, hair style, background. Age cues (see :func:`_age_cues`): a fraction ``grey``
-    of hair strands and brows turn grey, forehead/crow's-feet/nasolabial wrinkles darken with ``wrinkle``,
-    the jaw, eyelids and mouth corners drop and the lower face widens with ``sag``; children get rounder
-    faces, larger eyes and a smaller nose. Ages are integers uniform in ``[min_age, max_age]``.
+    Item ``index`` is population identity ``I < 100000`` at an integer age uniform in ``[min_age, max_age]``, both
+    drawn from the stream ``(seed, index)``, rendered by :func:`agingnet.world.render` with photo ``(seed, index)``
+    (the person's own traits and aging pattern; the photo's mild nuisance).
     """
 
     def __init__(
@@ -341,186 +316,22 @@ class SyntheticFaces(_FaceDataset):
         return self._item(self.render(index), self.ages[index], f"synthetic://{index}", index, flip)
 
     def fingerprint(self) -> str:
-        """SHA-256 (hex) of the generator parameters and drawing version."""
+        """SHA-256 (hex) of the generator parameters and the world renderer version."""
         key = (
-            f"SyntheticFaces|v{_DRAW_VERSION}|n={self.n}|size={self.size}|seed={self.seed}|"
+            f"SyntheticFaces|world-v{world.RENDERER_VERSION}|n={self.n}|size={self.size}|seed={self.seed}|"
             f"ages={self.min_age}-{self.max_age}"
         )
         return hashlib.sha256(key.encode()).hexdigest()
 
+    def identity(self, index: int) -> int:
+        """The world identity of item ``index`` (a population identity, ``< 100000``)."""
+        rng = self._rng(index)
+        rng.integers(self.min_age, self.max_age + 1)  # the first draw is the age
+        return int(rng.integers(0, world.ACTOR_BASE))
+
     def render(self, index: int) -> np.ndarray:
         """Draw face ``index`` as uint8 ``[size, size, 3]`` (train flips are applied later)."""
-        rng = self._rng(index)
-        age = float(rng.integers(self.min_age, self.max_age + 1))  # first draw: the same as self.ages[index]
-        grey, wrinkle, sag, child = _age_cues(age + rng.uniform(-4, 4))
-        S = self.size
-        P = lambda x, y: (x * S, y * S)  # noqa: E731  (fractions → pixels)
-
-        skin = _SKIN_LIGHT + (_SKIN_DARK - _SKIN_LIGHT) * rng.beta(1.3, 2.0) + rng.normal(0, 6, 3)
-        skin = skin * (1 - 0.06 * sag)  # slightly duller with age
-        shade = skin * 0.82
-        hair_base = _HAIR[rng.integers(len(_HAIR))] + rng.normal(0, 8, 3)
-        eye_col = _EYES[rng.integers(len(_EYES))] + rng.normal(0, 8, 3)
-        bg = rng.uniform(70, 200, 3)
-        long_hair = bool(rng.random() < 0.45)
-        fw = 0.235 * rng.uniform(0.92, 1.08) * (1 + 0.07 * sag - 0.03 * child)  # half face width
-        top = 0.17 + rng.uniform(-0.015, 0.015) + 0.02 * child
-        bottom = 0.86 + rng.uniform(-0.02, 0.02) + 0.035 * sag - 0.04 * child
-        hairline = 0.27 + rng.uniform(-0.03, 0.02) + (0.05 * sag if rng.random() < 0.4 else 0.0)
-        eye_dx = 0.12 + rng.uniform(-0.01, 0.01)
-        eye_y = 0.45 + rng.uniform(-0.01, 0.01)
-        mouth_y = 0.72 + 0.012 * sag - 0.02 * child
-        mouth_w = 0.07 * rng.uniform(0.85, 1.15) * (1 - 0.15 * child)
-
-        # background: vertical gradient
-        t = np.linspace(0.0, 1.0, S)[:, None, None]
-        canvas = np.broadcast_to(bg * (1.08 - 0.2 * t), (S, S, 3))
-        img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-        hair_mask = Image.new("L", (S, S), 0)
-        d, dm = ImageDraw.Draw(img), ImageDraw.Draw(hair_mask)
-
-        def ellipse(cx: float, cy: float, rx: float, ry: float, colour, is_hair: bool = False) -> None:
-            box = [*P(cx - rx, cy - ry), *P(cx + rx, cy + ry)]
-            d.ellipse(box, fill=_rgb(colour))
-            dm.ellipse(box, fill=255 if is_hair else 0)
-
-        # back hair, shoulders, neck, ears, face
-        if long_hair:
-            ellipse(0.5, 0.55, fw + 0.07, 0.40, hair_base, True)
-        ellipse(0.5, 1.12, 0.42, 0.22, rng.uniform(20, 220, 3))
-        d.rectangle([*P(0.5 - 0.6 * fw, 0.70), *P(0.5 + 0.6 * fw, 0.97)], fill=_rgb(shade))
-        dm.rectangle([*P(0.5 - 0.6 * fw, 0.70), *P(0.5 + 0.6 * fw, 0.97)], fill=0)
-        for sx in (-1, 1):
-            ellipse(0.5 + sx * fw, 0.48, 0.03, 0.055 + 0.01 * sag, shade)
-        cy, ry = (top + bottom) / 2, (bottom - top) / 2
-        ellipse(
-            0.5, 0.25 + 0.5 * top, fw + 0.025, 0.25 - 0.5 * top + 0.07, hair_base, True
-        )  # hair cap behind
-        ellipse(0.5, cy, fw, ry, skin)
-        if sag > 0:  # jowls widen the lower face
-            for sx in (-1, 1):
-                ellipse(
-                    0.5 + sx * 0.55 * fw, 0.76 + 0.02 * sag, 0.45 * fw + 0.012 * sag, 0.06 + 0.015 * sag, skin
-                )
-        # fringe: the cap of the face ellipse above the hairline (PIL angles: clockwise from 3 o'clock)
-        s_ = max(-1.0, min(1.0, (hairline - cy) / ry))
-        a0, a1 = 180 - math.degrees(math.asin(s_)), 360 + math.degrees(math.asin(s_))
-        face_box = [*P(0.5 - fw, top), *P(0.5 + fw, bottom)]
-        d.chord(face_box, a0, a1, fill=_rgb(hair_base))
-        dm.chord(face_box, a0, a1, fill=255)
-
-        # hair texture: vertical strands, a fraction `grey` of them grey
-        arr = np.asarray(img).astype(np.float32)
-        m = np.asarray(hair_mask) > 0
-        rows, cols = max(1, S // 12), max(1, S // 2)  # strands: ~12 px tall, 2 px wide at 256
-        up = lambda a: np.repeat(np.repeat(a, -(-S // rows), axis=0), -(-S // cols), axis=1)[:S, :S]  # noqa: E731
-        strands, tone = up(rng.random((rows, cols))), up(rng.random((rows, cols)))
-        tex = hair_base[None, None] * (0.8 + 0.4 * tone[..., None])
-        g = strands < 0.92 * grey
-        tex = np.where(g[..., None], _GREY[None, None] * (0.9 + 0.15 * tone[..., None]), tex)
-        arr = np.where(m[..., None], tex, arr)
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-        d = ImageDraw.Draw(img)
-
-        lw = max(1, round(S / 128))
-        brow_col = hair_base + (_GREY - hair_base) * grey
-        for sx in (-1, 1):
-            ex = 0.5 + sx * eye_dx
-            # eyebrow
-            bw = 0.05
-            d.line(
-                [P(ex - bw, eye_y - 0.05), P(ex, eye_y - 0.062), P(ex + bw, eye_y - 0.052)],
-                fill=_rgb(brow_col),
-                width=max(1, round(S * (0.012 - 0.004 * grey))),
-                joint="curve",
-            )
-            # eye: white, iris, pupil, highlight
-            erx, ery = 0.045 * (1 + 0.2 * child), 0.021 * (1 + 0.3 * child)
-            ellipse(ex, eye_y, erx, ery, (240, 238, 232))
-            ellipse(ex, eye_y, 0.018 * (1 + 0.15 * child), 0.018 * (1 + 0.15 * child), eye_col)
-            ellipse(ex, eye_y, 0.008, 0.008, (15, 12, 12))
-            ellipse(ex + 0.006, eye_y - 0.006, 0.003, 0.003, (250, 250, 250))
-            # drooping upper lid: a skin chord covering the top of the eye
-            lid = 0.15 + 0.45 * sag
-            lid_s = max(-1.0, min(1.0, -1 + 2 * lid))
-            eye_box = [*P(ex - erx, eye_y - ery), *P(ex + erx, eye_y + ery)]
-            b0, b1 = 180 - math.degrees(math.asin(lid_s)), 360 + math.degrees(math.asin(lid_s))
-            d.chord(eye_box, b0, b1, fill=_rgb(skin * 0.95))
-            d.arc(eye_box, b0, b1, fill=_rgb(shade * 0.55), width=lw)
-        # nose
-        tip = 0.615 + 0.015 * sag - 0.03 * child
-        d.line([P(0.49, 0.49), P(0.485, tip - 0.01), P(0.5, tip)], fill=_rgb(shade * 0.9), width=lw)
-        for sx in (-1, 1):
-            ellipse(0.5 + sx * (0.022 - 0.005 * child), tip + 0.004, 0.009, 0.005, shade * 0.55)
-        # mouth: lips get thinner and the corners drop with age
-        lip = 0.017 * (1 - 0.5 * wrinkle) + 0.004 * child
-        lip_col = skin * np.array([0.92, 0.62, 0.62])
-        ellipse(0.5, mouth_y - lip * 0.6, mouth_w * 0.9, lip * 0.7, lip_col)
-        ellipse(0.5, mouth_y + lip * 0.7, mouth_w * 0.8, lip, lip_col * 1.05)
-        droop = 0.018 * sag
-        d.line(
-            [P(0.5 - mouth_w, mouth_y + droop), P(0.5, mouth_y), P(0.5 + mouth_w, mouth_y + droop)],
-            fill=_rgb(lip_col * 0.5),
-            width=lw,
-            joint="curve",
-        )
-
-        # wrinkles and spots: a darkening mask, strength ∝ wrinkle
-        if wrinkle > 0:
-            wm = Image.new("L", (S, S), 0)
-            dw = ImageDraw.Draw(wm)
-            ink = int(255 * min(1.0, 0.35 + 0.65 * wrinkle))
-            for k in range(1 + round(3 * wrinkle)):  # forehead lines
-                y = hairline + 0.03 + 0.018 * k
-                if y < eye_y - 0.08:
-                    dw.arc(
-                        [*P(0.5 - 0.7 * fw, y), *P(0.5 + 0.7 * fw, y + 0.05)], 200, 340, fill=ink, width=lw
-                    )
-            for sx in (-1, 1):
-                ox = 0.5 + sx * (eye_dx + 0.05)
-                for k in range(round(1 + 2 * wrinkle)):  # crow's feet
-                    ang = math.radians(-25 + 25 * k)
-                    dw.line(
-                        [P(ox, eye_y), P(ox + sx * 0.035 * math.cos(ang), eye_y + 0.035 * math.sin(ang))],
-                        fill=ink,
-                        width=lw,
-                    )
-                ex = 0.5 + sx * eye_dx  # under-eye bags
-                dw.arc(
-                    [*P(ex - 0.04, eye_y - 0.01), *P(ex + 0.04, eye_y + 0.04 + 0.01 * sag)],
-                    20,
-                    160,
-                    fill=ink,
-                    width=lw,
-                )
-                # nasolabial fold and marionette line
-                dw.line(
-                    [P(0.5 + sx * 0.045, tip - 0.01), P(0.5 + sx * (mouth_w + 0.02), mouth_y + 0.01)],
-                    fill=ink,
-                    width=lw,
-                )
-                if sag > 0:
-                    dw.line(
-                        [
-                            P(0.5 + sx * mouth_w, mouth_y + droop),
-                            P(0.5 + sx * (mouth_w + 0.005), mouth_y + 0.03 + 0.05 * sag),
-                        ],
-                        fill=ink,
-                        width=lw,
-                    )
-            for _ in range(int(8 * max(0.0, (age - 55) / 25))):  # age spots
-                x, y, r = (
-                    rng.uniform(0.5 - 0.8 * fw, 0.5 + 0.8 * fw),
-                    rng.uniform(0.3, 0.8),
-                    rng.uniform(0.004, 0.01),
-                )
-                dw.ellipse([*P(x - r, y - r), *P(x + r, y + r)], fill=ink // 2)
-            arr = np.asarray(img).astype(np.float32)
-            arr *= 1.0 - (0.45 * wrinkle / 255.0) * np.asarray(wm, dtype=np.float32)[..., None]
-        else:
-            arr = np.asarray(img).astype(np.float32)
-        arr += rng.normal(0.0, 3.0, (S, S, 1)).astype(np.float32)  # skin/sensor grain
-        return np.clip(arr, 0, 255).astype(np.uint8)
+        return world.render(self.identity(index), self.ages[index], size=self.size, photo=(self.seed, index))
 
     def __repr__(self) -> str:
         return (

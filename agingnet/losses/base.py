@@ -63,13 +63,6 @@ class FrozenNets(nn.Module):
         s = self.id_input_size
         return self.arcface(nn.functional.adaptive_avg_pool2d(crop, (s, s)))
 
-    def embed_crops(self, crops: Tensor) -> Tensor:
-        """Embed already-cropped faces or face regions (ROI-ID), resized to the IR-SE50 input size."""
-        s = self.id_input_size
-        if crops.shape[-1] != s or crops.shape[-2] != s:
-            crops = nn.functional.interpolate(crops, size=(s, s), mode="bilinear", align_corners=False)
-        return self.arcface(crops)
-
     def predict_age(self, img: Tensor) -> Tensor:
         """DEX age in years, [B]."""
         if self.dex is None:

@@ -2,11 +2,14 @@
 
 value = mean over valid (sample b, region r) pairs of 1 − cos(f(crop(y_b, B^src_br)), f(crop(ŷ_b, B^gen_br)))
 
-f = the shared IR-SE50 (``ctx.nets.embed_crops``). Landmarks are found on y and on ŷ (detached; detection is
-not differentiated) and give per-region boxes (:func:`agingnet.roi.region_boxes`), fallback boxes where
-detection failed; each box is jittered independently (centre ±j·s, scale 1 ± j), clipped, cropped and
-resized to ``size``. A pair is valid when both boxes keep sides of at least ``MIN_SIDE`` px after clipping
-and, with ``fallback=False``, both detections succeeded. Only the crop of ŷ carries gradient.
+f = the identity loss's own feature path (``ctx.nets.embed_face``, SPEC §4, as the fork): the ROI crop is
+average-pooled to 256, cut to crop C = [35:223, 32:220] and pooled to the IR-SE50 input size. Landmarks are
+found on y and on ŷ (detached; detection is not differentiated) and give per-region boxes
+(:func:`agingnet.roi.region_boxes`), fallback boxes where detection failed; every box, fallback or not, is
+padded to a square of side max(w, h)·(1 + pad), jittered independently (centre ±j·s, scale 1 ± j), then
+clipped, cropped and resized to ``size``. A pair is valid when both boxes keep sides of at least
+``MIN_SIDE`` px after clipping and, with ``fallback=False``, both detections succeeded. Only the crop of ŷ
+carries gradient.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ MIN_SIDE = 4.0
 class ROIIDLoss(LossTerm):
     """Region identity loss; logs ``roi_pairs_<region>``, ``roi_id_<region>`` and ``landmark_failures``.
 
-    Args: ``regions`` names from :data:`agingnet.roi.REGIONS`; ``size`` crop side fed to f; ``pad`` box
-    padding; ``jitter`` j; ``landmarks`` backend ("template" | "dlib" | "fan"); ``landmarks_model`` the dlib
-    .dat path; ``seed`` of the jitter generator; ``fallback``: use the fallback boxes when landmarks fail
+    Args: ``regions`` names from :data:`agingnet.roi.REGIONS`; ``size`` side of the ROI crop handed to f;
+    ``pad`` box padding; ``jitter`` j; ``landmarks`` backend ("template" | "dlib" | "fan"); ``landmarks_model``
+    the dlib .dat path; ``seed`` of the jitter generator; ``fallback``: use the fallback boxes when landmarks fail
     (else drop the pair).
     """
 
@@ -53,8 +56,8 @@ class ROIIDLoss(LossTerm):
 
     def _boxes(self, points: Tensor, valid: Tensor, region: str, side: int) -> tuple[Tensor, Tensor]:
         """Jittered, clipped boxes and whether each is usable (big enough; detected unless fallback)."""
-        boxes, fell_back = region_boxes(points, valid, region, side, self.pad)
-        boxes = jitter_boxes(boxes, self.jitter, self.generator, size=side)
+        boxes, fell_back = region_boxes(points, valid, region, side, self.pad, clip=False)
+        boxes = jitter_boxes(boxes, self.jitter, self.generator, size=side)  # clipped after the jitter
         ok = ((boxes[:, 2:] - boxes[:, :2]) >= MIN_SIDE).all(dim=1)
         return boxes, ok if self.fallback else ok & ~fell_back
 
@@ -83,9 +86,9 @@ class ROIIDLoss(LossTerm):
             per_pair = y_hat.new_zeros(mask.shape)
         else:
             with torch.no_grad():
-                f_s = ctx.nets.embed_crops(torch.cat(src_crops)[mask])
-            f_g = ctx.nets.embed_crops(torch.cat(gen_crops)[mask])
-            assert f_s.shape == f_g.shape and f_s.shape[0] == n, f"embed_crops returned {tuple(f_g.shape)}"
+                f_s = ctx.nets.embed_face(torch.cat(src_crops)[mask])
+            f_g = ctx.nets.embed_face(torch.cat(gen_crops)[mask])
+            assert f_s.shape == f_g.shape and f_s.shape[0] == n, f"embed_face returned {tuple(f_g.shape)}"
             dist = 1 - F.cosine_similarity(f_g, f_s, dim=1)
             value = dist.mean()
             per_pair = y_hat.new_zeros(mask.shape, dtype=dist.dtype).masked_scatter(mask, dist.detach())

@@ -1,0 +1,316 @@
+"""Train the world's frozen networks on rendered population faces and ship them as package data.
+
+* DEX layout age estimator (``weights/dex.pth``): loss = CE(softmax logits, N(age, σ=2) over 0…100)
+  + |E[age] − age| / 10; measured: age MAE on held-out identities (ages 18–75, the actors' range).
+* IR-SE layout identity network (``weights/arcface.pth``): CosFace on the training identities; measured:
+  verification accuracy on held-out identities, pairs ≥ 20 years apart (threshold chosen on one half of the
+  held-out identities, accuracy on the other half).
+
+Training identities are ``[0, n)``, held-out identities start at :data:`HELD_OUT_BASE` (both < 100000: actors
+are never seen). Every photo is rendered at 256 px and fed exactly as the project feeds the frozen networks:
+DEX gets the bilinear resize of the whole [-1,1] image, the identity network the SPEC §4 crop average-pooled
+to its input size (:meth:`agingnet.losses.base.FrozenNets.embed_face`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.regression import MeanAbsoluteError
+
+from agingnet.io import atomic_torch_save, atomic_write_json
+from agingnet.losses.base import ID_CROP
+from agingnet.nn.dex import DEX
+from agingnet.nn.irse import IRSEBackbone
+from agingnet.world.render import RENDERER_VERSION, render
+from agingnet.world.weights import FILES, WEIGHTS_DIR
+
+HELD_OUT_BASE = 90_000
+DEX_ARCH = dict(widths=(8, 16, 32, 32, 48), fc_dim=64, input_size=96)
+# widths strictly increase: load_arcface reads the stages off runs of equal widths
+ID_ARCH = dict(input_size=112, embed_dim=64, widths=(16, 24, 32, 48), units=(1, 1, 1, 1))
+MIN_GAP = 20
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_ids: int  # training identities
+    photos: int  # photos per training identity (random ages, own nuisance)
+    n_eval_ids: int
+    eval_photos: int
+    dex_epochs: int
+    id_epochs: int
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_age: int = 10
+    max_age: int = 85
+
+
+FULL = Plan(n_ids=250, photos=6, n_eval_ids=80, eval_photos=5, dex_epochs=10, id_epochs=5)
+QUICK = Plan(n_ids=60, photos=4, n_eval_ids=24, eval_photos=4, dex_epochs=6, id_epochs=3)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def render_set(identities: np.ndarray, photos: int, seed: int, min_age: int, max_age: int,
+               chunk: int = 64) -> dict[str, Tensor]:
+    """Render ``photos`` photos per identity and cut the two network inputs (uint8, NCHW) in batches.
+
+    Returns ``dex`` [N,3,96,96], ``face`` [N,3,112,112], ``age`` [N] (float years), ``identity`` [N].
+    """
+    rng = np.random.default_rng([seed, 0xA6E])
+    ids = np.repeat(identities, photos)
+    ages = rng.integers(min_age, max_age + 1, len(ids))
+    dex_in, face_in = [], []
+    t, b, l_, r = ID_CROP
+    for s in range(0, len(ids), chunk):
+        imgs = np.stack([render(int(i), int(a), photo=(seed, s + k))
+                         for k, (i, a) in enumerate(zip(ids[s:s + chunk], ages[s:s + chunk]))])
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        d = F.interpolate(x, size=(DEX_ARCH["input_size"],) * 2, mode="bilinear", align_corners=False)
+        f = F.adaptive_avg_pool2d(x[:, :, t:b, l_:r], (ID_ARCH["input_size"],) * 2)
+        dex_in.append(_to_u8(d))
+        face_in.append(_to_u8(f))
+    return {"dex": torch.cat(dex_in), "face": torch.cat(face_in), "age": torch.from_numpy(ages).float(),
+            "identity": torch.from_numpy(ids).long()}
+
+
+def _to_u8(x: Tensor) -> Tensor:
+    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _from_u8(x: Tensor) -> Tensor:
+    return x.float().div(127.5).sub(1)
+
+
+def _flip_half(x: Tensor) -> Tensor:
+    """Horizontal flip of a random half of the batch (the data module's train flip), without a Python loop."""
+    m = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(m, x.flip(-1), x)
+
+
+# ---------------------------------------------------------------------------------------------- DEX
+
+
+class DexTask(L.LightningModule):
+    """Soft-label cross-entropy + L1 of the expected age; logs ``val_mae`` (torchmetrics)."""
+
+    def __init__(self, lr: float, sigma: float = 2.0):
+        super().__init__()
+        self.net = DEX(**DEX_ARCH)
+        for m in self.net.modules():  # torchvision's VGG init: a BN-free 16-layer stack trains from it
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+        self.lr, self.sigma = lr, sigma
+        self.val_mae = MeanAbsoluteError()
+
+    def training_step(self, batch, _):
+        x, age = batch
+        logits = self.net(_flip_half(_from_u8(x)))
+        grid = self.net.age_values
+        target = torch.softmax(-0.5 * ((grid[None] - age[:, None]) / self.sigma) ** 2, dim=1)
+        ce = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+        l1 = (torch.softmax(logits, 1) @ grid - age).abs().mean()
+        loss = ce + l1 / 10
+        self.log("train_mae", l1, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, _):
+        x, age = batch
+        self.val_mae.update(self.net.predict_age(_from_u8(x)), age)
+        self.log("val_mae", self.val_mae, prog_bar=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr,
+                                                    total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+class IdTask(L.LightningModule):
+    """CosFace on the training identities: L = CE(s·(cos θ_j − m·[j = y])), cos θ_j = ⟨e, w_j⟩/‖w_j‖.
+
+    Hand-written: the margin head is three lines and pytorch-metric-learning is not a dependency.
+    """
+
+    def __init__(self, n_classes: int, lr: float, s: float = 24.0, m: float = 0.25):
+        super().__init__()
+        self.net = IRSEBackbone(drop_ratio=0.1, **ID_ARCH)
+        self.head = nn.Parameter(torch.randn(n_classes, ID_ARCH["embed_dim"]) * 0.01)
+        self.lr, self.s, self.m = lr, s, m
+
+    def training_step(self, batch, _):
+        x, y = batch
+        cos = self.net(_flip_half(_from_u8(x))) @ F.normalize(self.head, dim=1).T
+        logits = self.s * (cos - self.m * F.one_hot(y, cos.shape[1]))
+        loss = F.cross_entropy(logits, y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr,
+                                                    total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def embed(net: nn.Module, faces_u8: Tensor, batch: int = 128) -> Tensor:
+    """Embeddings in eval mode; the network's train/eval mode is restored afterwards."""
+    was_training = net.training
+    net.eval()
+    out = torch.cat([net(_from_u8(faces_u8[i:i + batch])) for i in range(0, len(faces_u8), batch)])
+    net.train(was_training)
+    return out
+
+
+def verification_accuracy(emb: Tensor, identity: Tensor, age: Tensor, min_gap: float = MIN_GAP,
+                          seed: int = 0) -> dict[str, float]:
+    """Same/different verification on pairs ≥ ``min_gap`` years apart, balanced (every same pair, as many
+    random different pairs). The cosine threshold is chosen on identities with an even rank and the accuracy
+    measured on the others."""
+    cos = emb @ emb.T
+    same = identity[:, None] == identity[None, :]
+    gap = (age[:, None] - age[None, :]).abs() >= min_gap
+    upper = torch.ones_like(same).triu(1)
+    rank = torch.unique(identity, return_inverse=True)[1] % 2
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, float] = {}
+    threshold = 0.0
+    for half in (0, 1):
+        inside = (rank[:, None] == half) & (rank[None, :] == half) & upper & gap
+        pos = cos[inside & same]
+        neg_all = cos[inside & ~same]
+        neg = neg_all[torch.randperm(len(neg_all), generator=g)[: max(len(pos), 1)]]
+        if half == 0:
+            cand = torch.cat([pos, neg]).sort().values
+            accs = ((pos[None, :] >= cand[:, None]).float().sum(1) + (neg[None, :] < cand[:, None]).float().sum(1))
+            threshold = float(cand[accs.argmax()]) if len(cand) else 0.0
+        else:
+            acc = ((pos >= threshold).float().sum() + (neg < threshold).float().sum()) / max(len(pos) + len(neg), 1)
+            out = {"verification_acc": float(acc), "threshold": threshold, "pairs_same": int(len(pos)),
+                   "pairs_diff": int(len(neg))}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _trainer(epochs: int) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=True, enable_model_summary=False, num_sanity_val_steps=0,
+                     deterministic=True, inference_mode=False)
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "agingnet"], capture_output=True, text=True,
+                               timeout=10, cwd=Path(__file__).parent).stdout.strip()
+        return (head + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+NETS = ("dex", "arcface")
+
+
+def _train_dex(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    task = DexTask(plan.lr)
+    dl = DataLoader(TensorDataset(tr["dex"], tr["age"]), batch_size=plan.batch_size, shuffle=True, drop_last=True)
+    vl = DataLoader(TensorDataset(ev["dex"], ev["age"]), batch_size=128)
+    trainer = _trainer(plan.dex_epochs)
+    before = trainer.validate(task, vl, verbose=False)[0]["val_mae"]
+    trainer.fit(task, dl, vl)
+    after = trainer.validate(task, vl, verbose=False)[0]["val_mae"]
+    return task.net, {"heldout_mae_before": round(float(before), 3), "heldout_mae": round(float(after), 3),
+                      "heldout_ages": [18, 75], "heldout_photos": len(ev["age"]), "goal_mae": 3.0}
+
+
+def _train_arcface(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor], seed: int
+                   ) -> tuple[nn.Module, dict[str, Any]]:
+    task = IdTask(plan.n_ids, plan.lr)
+    labels = torch.unique(tr["identity"], return_inverse=True)[1]
+    dl = DataLoader(TensorDataset(tr["face"], labels), batch_size=plan.batch_size, shuffle=True, drop_last=True)
+    before = verification_accuracy(embed(task.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
+    _trainer(plan.id_epochs).fit(task, dl)
+    after = verification_accuracy(embed(task.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
+    return task.net, {"heldout_verification_before": round(before["verification_acc"], 4),
+                      "heldout_verification": round(after["verification_acc"], 4),
+                      "threshold": round(after["threshold"], 4), "pairs_same": after["pairs_same"],
+                      "pairs_diff": after["pairs_diff"], "min_age_gap": MIN_GAP, "goal_verification": 0.95}
+
+
+def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, command: str | None = None,
+             nets: tuple[str, ...] = NETS) -> dict[str, Any]:
+    """Render, train ``nets``, measure them on held-out identities, write weights + manifest atomically.
+
+    The manifest keeps the entries of networks not trained in this call (same renderer version only).
+    """
+    bad = [n for n in nets if n not in NETS]
+    if bad or not nets:
+        raise ValueError(f"unknown world network(s) {bad or nets}; choose from {', '.join(NETS)}")
+    out = Path(out)
+    L.seed_everything(seed, workers=True, verbose=False)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([seed, 0x1D])
+    train_ids = rng.choice(HELD_OUT_BASE, size=plan.n_ids, replace=False)
+    eval_ids = HELD_OUT_BASE + np.arange(plan.n_eval_ids)
+    tr = render_set(train_ids, plan.photos, seed, plan.min_age, plan.max_age)
+    ev = render_set(eval_ids, plan.eval_photos, seed + 1, 18, 75)
+    render_s = time.perf_counter() - t0
+    print(f"rendered {len(tr['age'])} training and {len(ev['age'])} held-out photos in {render_s:.0f} s", flush=True)
+    common = {"command": command or " ".join(["python -m agingnet.world", *sys.argv[1:]]),
+              "git_commit": _git_commit(), "plan": asdict(plan), "seed": seed, "threads": torch.get_num_threads(),
+              "render_s": round(render_s, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, Any] = {}
+    for name in nets:
+        t1 = time.perf_counter()
+        if name == "dex":
+            net, metrics = _train_dex(plan, tr, ev)
+            state: Any = {"state_dict": {k: v.clone() for k, v in net.state_dict().items()}}
+            arch: dict[str, Any] = DEX_ARCH
+        else:
+            net, metrics = _train_arcface(plan, tr, ev, seed)
+            state, arch = {k: v.clone() for k, v in net.state_dict().items()}, ID_ARCH
+        path = atomic_torch_save(state, out / FILES[name])
+        entries[FILES[name]] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "arch": arch,
+                                          "metrics": metrics, "train_s": round(time.perf_counter() - t1, 1),
+                                          **common}
+    manifest: dict[str, Any] = {"renderer_version": RENDERER_VERSION, "files": {}}
+    old = out / "manifest.json"  # read last: another network may have been trained meanwhile (--only)
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        if prev.get("renderer_version") == RENDERER_VERSION:
+            manifest["files"].update(prev.get("files", {}))
+    manifest["files"].update(entries)
+    atomic_write_json(manifest, out / "manifest.json")
+    print(json.dumps({k: v["metrics"] for k, v in manifest["files"].items()}, indent=1), flush=True)
+    return manifest
