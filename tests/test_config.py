@@ -254,12 +254,7 @@ def test_every_model_option_builds_the_published_structure(option, tmp_path):
         assert _shapes(frozen.dex)["fc8_101.weight"] == [101, cfg.model.frozen.dex.fc_dim]
 
 
-@pytest.mark.parametrize("option", [
-    pytest.param(o, marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason="conf/model/adam.yaml inherits Ranger's alpha/k/n_sma_threshold/use_gc from sam.yaml: "
-               "Adam.__init__() got an unexpected keyword argument 'alpha'")) if o == "adam" else o
-    for o in options("model")])
+@pytest.mark.parametrize("option", options("model"))
 def test_every_model_option_builds_its_optimizer(option, tmp_path):
     import pytorch_optimizer
     import torch
