@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from agingnet.config import CONFIG_DIR, register_resolvers, user_errors
+from agingnet.distributed import check_devices, check_resume_world_size, is_env_rank_zero
 
 log = logging.getLogger("agingnet.train")
 
@@ -59,7 +60,8 @@ def prepare_bank(cfg: DictConfig) -> None:
     ages = torch.arange(18, 81, dtype=torch.float32).repeat_interleave(max(1, n // 5))  # the bank's 18–80
     emb = torch.nn.functional.normalize(torch.randn(len(ages), dim, generator=g), dim=1)
     path = Path(cfg.paths.output_dir) / "banks" / "synthetic_bank.pt"
-    ImpostorBank.from_embeddings(emb, ages, meta={"source": "synthetic (debug)", "embed": "random"}).save(path)
+    if is_env_rank_zero():  # DDP: rank 0 writes it before fit; the others check it exists (RankSetup)
+        ImpostorBank.from_embeddings(emb, ages, meta={"source": "synthetic (debug)", "embed": "random"}).save(path)
     with open_dict(cfg):
         cfg.miner.bank_path = str(path)
     log.info("no impostor bank at the configured path: wrote a random one to %s", path)
@@ -68,7 +70,7 @@ def prepare_bank(cfg: DictConfig) -> None:
 def check_output_dir(cfg: DictConfig) -> None:
     """Refuse to train into a run folder that already holds checkpoints (nothing is overwritten)."""
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
-    if cfg.get("resume_from") is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+    if cfg.get("resume_from") is None and is_env_rank_zero() and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints: choose a new run folder "
                               f"(hydra.run.dir=…) or resume with resume_from=…")
 
@@ -90,6 +92,7 @@ def instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train with a composed config; returns the final callback metrics as floats and the run folder."""
     L.seed_everything(cfg.seed, workers=True)
+    check_devices(cfg.trainer)
     check_output_dir(cfg)
     if cfg.get("resume_from") and not Path(cfg.resume_from).is_file():
         raise FileNotFoundError(f"resume_from: no such checkpoint: {cfg.resume_from}")
@@ -98,7 +101,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prepare_bank(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    if is_env_rank_zero():
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
     datamodule = build_datamodule(cfg)
     model = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
@@ -109,10 +113,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from agingnet.callbacks.resume import check_resume_compatible
 
         check_resume_compatible(cfg.resume_from, cfg)
+        check_resume_world_size(cfg.resume_from, trainer.world_size)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("resume_from"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     log.info("outputs in %s", out)
-    print(f"[agingnet] run folder: {out}\n[agingnet] TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    if trainer.is_global_zero:
+        print(f"[agingnet] run folder: {out}\n[agingnet] TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     return {"metrics": metrics, "output_dir": str(out), "abs_step": model.abs_step}
 
 
