@@ -2,9 +2,10 @@
 ``+callbacks.probe._target_=ddp_probe.Probe``; the tests put this folder on PYTHONPATH).
 
 Each rank records what it trained on and ends with ``<run>/probe_rank<r>.pt``: per step the sample indices,
-flips and target ages, the raw weights and EMA shadow at the end, the weights the last validation ran with, and
-the NaN-guard count. ``nan_rank``/``nan_step`` poison that rank's batch at that step (its loss becomes NaN);
-``kill_step`` ends every rank abruptly (``os._exit``) at the start of that step, as a killed job would.
+flips and target ages, the raw weights and EMA shadow at the end, every weight of the module (frozen networks
+too) the last validation ran with, and the NaN-guard count. ``nan_rank``/``nan_step`` poison that rank's batch
+at that step (its loss becomes NaN); ``kill_step`` ends every rank abruptly (``os._exit``) at the start of that
+step, as a killed job would.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Probe(Callback):
             self.seen[-1]["target_age"] = images["target_age"].tolist()
 
     def on_validation_epoch_start(self, trainer, pl_module):
-        self.val_weights = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
+        self.val_weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}  # frozen nets too
 
     def on_fit_end(self, trainer, pl_module):
         ema = find_ema(trainer)

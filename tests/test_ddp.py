@@ -26,6 +26,7 @@ BASE = ["experiment=phase3_oneshot_40", "debug=tiny", "trainer.max_steps=4", "va
         "image_interval=2", "callbacks.fork_export.every_n_steps=2", "model.cache_frozen=false"]
 DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
 PROBE = ["+callbacks.probe._target_=ddp_probe.Probe"]
+pytestmark = pytest.mark.timeout(1800)  # a 2-process job takes minutes on 2 shared cores
 
 
 def run_train(args: list[str], run_dir: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -161,11 +162,14 @@ def test_val_total_equals_single_process_validation_of_the_same_samples(ddp_run,
                          output_dir=tmp_path / "ref")
     dm = build_datamodule(cfg)
     model = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
-    model.net.load_state_dict(p0["val_weights"])
+    model.load_state_dict(p0["val_weights"])  # trained (EMA) and frozen (random tiny) networks of the run
     model.step_offset = logged["global_step"]  # the step the losses' schedules see, as in the run
     if "nn_id" in model.loss.terms:  # the personal bank PersonalBankCallback builds at fit start
         emb, keys = embed_personal_set(dm.personal_bank_dataset(), model.frozen.embed_face, 16, True)
         model.loss.terms["nn_id"].set_bank(emb, keys, "ref")
+    for term in model.loss.terms.values():  # a run has built its miner (and seeded it) before validating
+        if hasattr(term, "bank_path"):
+            term.miner  # noqa: B018
     trainer = L.Trainer(accelerator="cpu", devices=1, limit_val_batches=2, logger=False, callbacks=[],
                         enable_progress_bar=False, enable_model_summary=False)
     ref = trainer.validate(model, datamodule=dm, verbose=False)[0]

@@ -30,13 +30,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from agingnet.distributed import rank_seed
+from agingnet.losses.contrastive_id import ContrastiveIDLoss
 
 log = logging.getLogger(__name__)
 
 
-def _contrastive_terms(pl_module: Any) -> list[Any]:
+def _contrastive_terms(pl_module: Any) -> list[ContrastiveIDLoss]:
     terms = getattr(getattr(pl_module, "loss", None), "terms", None) or {}
-    return [t for t in terms.values() if hasattr(t, "bank_path") and hasattr(t, "miner")]
+    return [t for t in terms.values() if isinstance(t, ContrastiveIDLoss)]
 
 
 class RankSetup(Callback):
