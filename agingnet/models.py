@@ -73,6 +73,29 @@ def load_or_build_aging_net(net_cfg: Mapping[str, Any], weights: Mapping[str, An
     return build_aging_net(**cfg), {"kind": "random", "global_step": 0, "opts": {}, "source": None}
 
 
+_WARNED_RANDOM: set[str] = set()
+
+
+def warn_random_frozen(frozen_cfg: Mapping[str, Any], weights: Mapping[str, Any]) -> list[str]:
+    """Say once per process, at WARNING level, which frozen networks get random weights because no file is
+    configured (their losses and age readings are then meaningless). ``frozen.allow_random: true`` (the tiny/demo
+    configs) opts out explicitly. Returns the kinds that are random."""
+    lp = frozen_cfg.get("lpips") or {}
+    random_kinds = [k for k in ("arcface", "dex") if not weights.get(k)]
+    if not lp.get("backbone_pretrained", True):
+        random_kinds.append("lpips")
+    if frozen_cfg.get("allow_random", False):
+        return random_kinds
+    for kind in random_kinds:
+        if kind not in _WARNED_RANDOM:
+            _WARNED_RANDOM.add(kind)
+            what = "LPIPS's AlexNet backbone" if kind == "lpips" else f"the frozen {kind} network"
+            key = "model.frozen.lpips.backbone_pretrained" if kind == "lpips" else f"model.weights.{kind}"
+            log.warning("%s has RANDOM weights (no %s configured): its losses and readings are meaningless; "
+                        "set model.frozen.allow_random=true to silence this for tests and demos", what, key)
+    return random_kinds
+
+
 def build_arcface(path: str | None = None, input_size: int = 112, embed_dim: int = 512,
                   widths: Sequence[int] = (64, 128, 256, 512), units: Sequence[int] = (3, 4, 14, 3),
                   fork_variant: bool = False, seed: int = 1) -> IRSEBackbone:

@@ -26,7 +26,7 @@ from agingnet.data.sampler import TargetAgeSampler
 from agingnet.distributed import any_rank, gather_rng_states, zero_loss
 from agingnet.losses.base import FrozenNets, LossContext
 from agingnet.losses.registry import LossStack
-from agingnet.models import build_arcface, build_dex, build_lpips, load_or_build_aging_net
+from agingnet.models import build_arcface, build_dex, build_lpips, load_or_build_aging_net, warn_random_frozen
 from agingnet.nn.aging_net import add_age_channel
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class AgingModule(L.LightningModule):
         self.train_noise, self.channels_last = train_noise, channels_last
         self.net, self.init_info = load_or_build_aging_net(_plain(net), _plain(weights), init_from, init_use_ema)
         self.step_offset = int(self.init_info.get("global_step", 0)) if init_from else 0
-        fz, w = _plain(frozen), _plain(weights) or {}
+        fz, w = dict(_plain(frozen) or {}), _plain(weights) or {}
+        warn_random_frozen(fz, w)
         self.frozen = FrozenNets(
             arcface=build_arcface(path=w.get("arcface"), **fz.get("arcface", {})),
             dex=build_dex(path=w.get("dex"), **fz.get("dex", {})),
@@ -78,6 +79,7 @@ class AgingModule(L.LightningModule):
         self.sampler = TargetAgeSampler(**_plain(sampler))
         self._set_trainable()
         self.nan_skips = 0
+        self.label_fallbacks = 0  # input_age=label: samples whose missing label was replaced by DEX
         self.batches_seen = 0
         self.last_step_skipped = False
         self.using_ema = False  # set by the EMA callback while its shadow weights are swapped in
@@ -113,6 +115,12 @@ class AgingModule(L.LightningModule):
             for m in self.trainable_modules().values():
                 m.train(True)
         return self
+
+    def on_validation_model_train(self) -> None:
+        """Lightning restores the modes it found before validation (it never calls ``train()`` at fit start), so
+        after each validation inside fit the stage's modes are set again explicitly."""
+        if self.trainer.state.fn == "fit":
+            self.train(True)
 
     def setup(self, stage: str) -> None:
         if self.channels_last:  # 4-D conv weights only (the modulated convs' weights are 5-D)
@@ -154,10 +162,22 @@ class AgingModule(L.LightningModule):
         return out[:, :-1].reshape(-1, 68, 2), out[:, -1] > 0.5
 
     def _input_ages(self, batch: Mapping[str, Any], keys: list[tuple[str, bool]] | None = None) -> Tensor:
+        """The input age a in years: DEX on x (the fork), or the label with ``input_age=label``. A sample without
+        a label (NaN) falls back to DEX — counted in ``label_fallbacks`` and said once at WARNING level."""
         x = batch["image"]
         age = batch.get("age")
-        if self.input_age == "label" and age is not None and not torch.isnan(age).any():
-            return age.to(x.device, x.dtype)
+        if self.input_age == "label":
+            label = (torch.full((x.shape[0],), float("nan")) if age is None else age).to(x.device, x.dtype)
+            missing = torch.isnan(label)
+            if not bool(missing.any()):
+                return label
+            n = int(missing.sum())
+            if self.label_fallbacks == 0:
+                log.warning("input_age=label: %d sample(s) of this batch have no age label; their input age comes "
+                            "from DEX (counted as label_fallbacks)", n)
+            self.label_fallbacks += n
+            dex = self.cached_frozen("dex_age", keys, x, self.frozen.predict_age).clamp(0, 100).to(x.dtype)
+            return torch.where(missing, dex, label)
         return self.cached_frozen("dex_age", keys, x, self.frozen.predict_age).clamp(0, 100).to(x.dtype)
 
     def _prep(self, x: Tensor) -> Tensor:
@@ -181,7 +201,9 @@ class AgingModule(L.LightningModule):
         ctx = LossContext(y_hat=y_hat, codes=codes, input_ages=a, target_ages=t, pass_name="real", **common)
         l_real, logs = self.loss(ctx)
         y_rec, codes_rec = self.net(self._prep(add_age_channel(y_hat.detach(), a)), noise_mode=noise_mode)
-        ctx_c = LossContext(y_hat=y_rec, codes=codes_rec, input_ages=t, target_ages=a, pass_name="cycle", **common)
+        # SAM/the fork score the cycle pass with target = input = a: the weighted ID loss has weight 1 there
+        # ("weighted id loss only on forward pass") and adaptive w-norm sees no age gap.
+        ctx_c = LossContext(y_hat=y_rec, codes=codes_rec, input_ages=a, target_ages=a, pass_name="cycle", **common)
         for cached in ("feat_y", "feat_x"):  # the frozen IR-SE50 embedding of the fixed input: computed once a step
             if cached in ctx.__dict__:
                 ctx_c.__dict__[cached] = ctx.__dict__[cached]
@@ -210,6 +232,8 @@ class AgingModule(L.LightningModule):
         self.log("train/no_aging", float(no_aging), batch_size=bs)
         self.log("train/target_age", target_years.mean(), batch_size=bs)
         self.log("train/abs_step", float(self.abs_step), batch_size=bs)
+        if self.input_age == "label":
+            self.log("train/label_fallbacks", float(self.label_fallbacks), batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bs)
         if any_rank(~torch.isfinite(total.detach()), self._trainer):  # every rank skips, or none (DDP)
             if self.hparams.nan_guard:
@@ -255,6 +279,7 @@ class AgingModule(L.LightningModule):
         self._val_rng.__enter__()
         torch.manual_seed(self.hparams.val_seed)
         self._val_gen = torch.Generator().manual_seed(self.hparams.val_seed)
+        self._val_index = 0  # samples validated so far: the aging targets run through the window across batches
         self._term_states = [(g, g.get_state()) for g in self.term_generators()]
         for g, _ in self._term_states:
             g.manual_seed(self.hparams.val_seed)
@@ -267,19 +292,21 @@ class AgingModule(L.LightningModule):
             g.set_state(state)
         self._term_states = []
 
-    def aging_targets(self, n: int) -> Tensor:
-        """Deterministic target ages for the aging check: the window's ages in turn (fixed mode) or the
-        configured list, else a uniform draw from the validation generator."""
+    def aging_targets(self, n: int, start: int = 0) -> Tensor:
+        """Deterministic target ages for the aging check of validation samples ``start … start+n−1``: the window's
+        ages in turn (fixed mode) or the configured list, continuing across batches so the whole window is covered
+        over the validation set; else a uniform draw from the validation generator."""
         ages = self.hparams.val_target_ages
         win = self.sampler.window
         if not ages and win is not None:
             ages = list(range(win[0], win[1] + 1))
         if ages:
-            return torch.tensor([ages[i % len(ages)] for i in range(n)], dtype=torch.float32)
+            table = torch.tensor(ages, dtype=torch.float32)
+            return table[(torch.arange(n) + int(start)) % len(ages)]
         lo, hi = self.sampler.bounds
         return torch.randint(lo, hi + 1, (n,), generator=self._val_gen).float()
 
-    def _seed_val_batch(self, batch_idx: int) -> None:
+    def _seed_val_batch(self, batch_idx: int) -> int:
         """Seed every stream validation draws from with val_seed + k, k = the batch's index in the 1-process
         order (DDP rank r validates batches r, r+W, …): the metrics do not depend on the number of processes."""
         world = int(getattr(self._trainer, "world_size", 1) or 1)
@@ -288,9 +315,10 @@ class AgingModule(L.LightningModule):
         torch.manual_seed(seed)
         for g in [self._val_gen, *self.term_generators()]:
             g.manual_seed(seed)
+        return k
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._seed_val_batch(batch_idx)
+        k = self._seed_val_batch(batch_idx)
         x = batch["image"]
         bs = x.shape[0]
         keys = self._cache_keys(batch)
@@ -300,7 +328,12 @@ class AgingModule(L.LightningModule):
         self.log("val/total", total, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/loss", loss_logged, batch_size=bs, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=bs, sync_dist=True)
-        targets = self.aging_targets(bs).to(x.device, x.dtype)
+        start = getattr(self, "_val_index", 0)
+        self._val_index = start + bs
+        if int(getattr(self._trainer, "world_size", 1) or 1) > 1:  # DDP: the batch's offset in the 1-process order
+            loader_bs = getattr(getattr(self._trainer, "val_dataloaders", None), "batch_size", None) or bs
+            start = k * int(loader_bs)
+        targets = self.aging_targets(bs, start).to(x.device, x.dtype)
         y_aged, _ = self.net(self._prep(add_age_channel(self._prep(x), targets / 100.0)), noise_mode="const")
         out_age = self.frozen.predict_age(y_aged)
         self.log("val/aging/mae", (out_age - targets).abs().mean(), batch_size=bs, sync_dist=True)
@@ -338,7 +371,7 @@ class AgingModule(L.LightningModule):
             "world_size": int(getattr(self._trainer, "world_size", 1) or 1),
             "rng_per_rank": gather_rng_states({**rng, "torch_rng": torch.get_rng_state()}, self._trainer),
             "batches_seen": self.batches_seen, "nan_skips": self.nan_skips, "step_offset": self.step_offset,
-            "stage": self.stage,
+            "stage": self.stage, "label_fallbacks": self.label_fallbacks,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -352,9 +385,13 @@ class AgingModule(L.LightningModule):
                      "rng": mine}
         self.batches_seen, self.nan_skips = int(state["batches_seen"]), int(state["nan_skips"])
         self.step_offset = int(state["step_offset"])
+        self.label_fallbacks = int(state.get("label_fallbacks", 0))
         self._pending_rng = state  # applied at train start, once lazily built terms (the miner) exist
 
     def on_train_start(self) -> None:
+        # Lightning 2.x does not call ``train()`` when fit starts: without this a loaded net stays in eval (S1 would
+        # train the age encoder on frozen BN statistics) and a fresh one leaves the frozen encoders in train mode.
+        self.train(True)
         self.net.__dict__.pop("base_ema", None)  # the EMA callback has taken what it needs; free the memory
         state = getattr(self, "_pending_rng", None)
         if state is None:

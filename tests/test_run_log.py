@@ -30,7 +30,10 @@ def test_eval_mb_roi_agelock_best_plateau_lines():
     assert format_eval_line(0, 0.5, 0.25, 0.0, step=7) == "used_ema=0 id=0.500 lpips=0.250 l2=0.000 step=7"
     stats = {"k_effective": 48.0, "band_min": 0.25, "band_max": 0.6, "candidate_count": 11.0, "sim_mean": 0.30149,
              "sim_p75": 0.351, "sim_p90": 0.409}
-    assert format_mb_line("soft", stats) == "mb: prof=soft k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.301 p75≈0.35 p90≈0.41"
+    # the configured k and band under the fork's names (SPEC §8), what the miner used as extra fields
+    stats = dict(stats, k_effective=37.5, band_min=0.2)
+    assert format_mb_line("soft", stats, k=48, band=(0.25, 0.60)) == (
+        "mb: prof=soft k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.301 p75≈0.35 p90≈0.41 k_eff=37.5 floor=0.20")
     assert format_mb_line("soft060", {"candidate_count": 2.5}, k=8, band=(0.2, 0.6)).startswith(
         "mb: prof=soft060 k=8 band=[0.20,0.60] cand≈2.5 ")
     assert format_roi_line({"roi_pairs_eyes": 2.0, "roi_pairs_mouth": 1.5, "value": 3.0}) == \
@@ -67,8 +70,8 @@ def test_callback_writes_lines_and_jsonl(tmp_path):
     cb.setup(tr, pl, "fit")
     cb.on_fit_start(tr, pl)
     for i, cand in enumerate((10.0, 12.0)):  # two training steps: interval means cand = 11
-        terms["contrastive_id"].last_stats = {"candidate_count": cand, "k_effective": 48.0, "sim_mean": 0.3,
-                                              "sim_p75": 0.35, "sim_p90": 0.41, "band_min": 0.25, "band_max": 0.6}
+        terms["contrastive_id"].last_stats = {"candidate_count": cand, "k_effective": 30.0, "sim_mean": 0.3,
+                                              "sim_p75": 0.35, "sim_p90": 0.41, "band_min": 0.2, "band_max": 0.6}
         terms["roi_id"].last_stats = {"roi_pairs_eyes": 2.0, "roi_pairs_mouth": float(i + 1)}
         tr.callback_metrics = {"train/real/id": torch.tensor(0.2 + i * 0.1)}
         cb.on_train_batch_end(tr, pl, None, None, i)
@@ -85,7 +88,9 @@ def test_callback_writes_lines_and_jsonl(tmp_path):
     lines = (tmp_path / "ck" / "timestamp.txt").read_text().splitlines()
     assert lines[0] == "phase3: fixed_age=40 jitter=2 miner_window=[38,42] lr=1.5e-05 resume=/base.pt step=50500"
     assert lines[1] == "used_ema=1 id=0.134 lpips=0.134 l2=0.009 step=50502"
-    assert lines[2] == "mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.300 p75≈0.35 p90≈0.41"
+    # configured k/band under the fork's names; the miner's effective k and relaxed floor as extra fields
+    assert lines[2] == ("mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.300 p75≈0.35 p90≈0.41 "
+                        "k_eff=30.0 floor=0.20")
     assert lines[3] == "roi: pairs_eyes=2 pairs_mouth=1.5"
     assert lines[4] == "AGE-LOCK: output age 45.1 outside [38,42]"
     assert lines[5] == "**Best**: Step - 50502, Loss - 0.400"

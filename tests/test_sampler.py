@@ -1,4 +1,4 @@
-"""TargetAgeSampler (SPEC §3): bounds, no-aging frequency, rounding, age lock, argument validation."""
+"""TargetAgeSampler (SPEC §3): bounds, no-aging frequency, unrounded no-aging targets, age lock, validation."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def test_no_aging_frequency_about_one_third_and_targets_equal_inputs():
     sd = math.sqrt((1 / 3) * (2 / 3) / n)  # binomial standard error ≈ 0.0086
     assert abs(frac - 1 / 3) < 4 * sd, frac
     for t, na in draws:
-        if na:  # exempt from the lock: equals the rounded input age
-            assert torch.equal(t, torch.full((4,), 61.0))
+        if na:  # exempt from the lock: equals the (unrounded) input age
+            assert torch.equal(t, torch.full((4,), 61.4))
         else:
             assert bool(((t >= 38) & (t <= 42)).all())
 
@@ -69,11 +69,15 @@ def test_no_aging_prob_is_per_batch():
         assert torch.equal(t, ages) == na  # the whole batch or none of it
 
 
-def test_no_aging_rounds_to_integers():
+def test_no_aging_targets_are_the_float_input_ages():
+    """SAM and the fork use the DEX age unrounded as the no-aging target (and validation does too)."""
     s = TargetAgeSampler("uniform", no_aging_prob=1.0)
-    t, na = s.sample(torch.tensor([39.6, 12.2, 40.5, 41.5, 0.4]))
+    ages = torch.tensor([39.6, 12.2, 40.5, 41.5, 0.4])
+    t, na = s.sample(ages)
     assert na
-    assert t.tolist() == [40.0, 12.0, 40.0, 42.0, 0.0]  # round half to even
+    assert t.tolist() == ages.tolist()
+    ages[0] = 0.0  # the targets are a copy, not a view of the caller's tensor
+    assert t[0].item() == pytest.approx(39.6)
 
 
 def test_no_aging_needs_finite_ages():

@@ -4,7 +4,8 @@ Lines (users grep the prefixes; each is produced by one pure function below):
 
     phase3: fixed_age=40 jitter=2 miner_window=[38,42] lr=1.5e-05 resume=<init_from|none> step=<abs step>
     used_ema=1 id=0.134 lpips=0.134 l2=0.009 step=59000            (after every validation)
-    mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.301 p75≈0.35 p90≈0.41   (contrastive_id present)
+    mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.301 p75≈0.35 p90≈0.41 k_eff=37.5 floor=0.20
+                                                                      (contrastive_id present)
     roi: pairs_eyes=2 pairs_mouth=2                                   (roi_id present)
     AGE-LOCK: output age 45.1 outside [38,42]                         (val in_window < 1)
     **Best**: Step - 59000, Loss - 0.373                              (new lowest ``monitor``)
@@ -59,19 +60,25 @@ def format_eval_line(used_ema: bool | float, id_: float, lpips: float, l2: float
 
 def format_mb_line(profile: str, stats: Mapping[str, float], k: int | None = None,
                    band: Sequence[float] | None = None) -> str:
-    """``mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.301 p75≈0.35 p90≈0.41``; k and band come
-    from the stats (``k_effective``, ``band_min``/``band_max``) when present, else from the arguments."""
-    kk = stats.get("k_effective", k)
-    lo, hi = (stats["band_min"], stats["band_max"]) if "band_min" in stats and "band_max" in stats else (
-        band if band is not None else (math.nan, math.nan))
-    kstr = "?" if kk is None or math.isnan(float(kk)) else str(int(round(float(kk))))
+    """``mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.301 p75≈0.35 p90≈0.41 k_eff=37.5 floor=0.20``.
 
+    ``k`` and ``band`` are the *configured* values, as the fork prints them (greps of the seed's logs rely on it);
+    what the miner actually used is appended: ``k_eff`` (mean ``k_effective``) and ``floor`` (mean relaxed lower
+    band edge ``band_min``), each only when the statistics hold it."""
     def num(key: str, fmt: str) -> str:  # "n/a": the contrastive window was never active in the interval
         v = float(stats.get(key, math.nan))
         return "n/a" if math.isnan(v) else format(v, fmt)
 
-    return (f"mb: prof={profile} k={kstr} band=[{lo:.2f},{hi:.2f}] cand≈{num('candidate_count', '.1f')} "
-            f"simμ≈{num('sim_mean', '.3f')} p75≈{num('sim_p75', '.2f')} p90≈{num('sim_p90', '.2f')}")
+    kstr = "?" if k is None else str(int(k))
+    lo, hi = band if band is not None else (math.nan, math.nan)
+    line = (f"mb: prof={profile} k={kstr} band=[{float(lo):.2f},{float(hi):.2f}] "
+            f"cand≈{num('candidate_count', '.1f')} simμ≈{num('sim_mean', '.3f')} p75≈{num('sim_p75', '.2f')} "
+            f"p90≈{num('sim_p90', '.2f')}")
+    if "k_effective" in stats:
+        line += f" k_eff={num('k_effective', '.1f')}"
+    if "band_min" in stats:
+        line += f" floor={num('band_min', '.2f')}"
+    return line
 
 
 def format_roi_line(stats: Mapping[str, float]) -> str:

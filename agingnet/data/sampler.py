@@ -1,13 +1,13 @@
 """Target-age sampling (SPEC §3) and the Phase-3 age lock.
 
 Per batch, with probability ``p = no_aging_prob`` (1/3 by default) the batch is a "no aging" batch and every
-target equals its input age rounded to an integer, ``t_b = round(a_b)`` (round half to even). Otherwise every
-sample draws its own integer target independently:
+target equals its input age as a float, ``t_b = a_b`` (SAM and the fork feed the DEX age unrounded to the age plane
+and the aging loss; validation does the same). Otherwise every sample draws its own integer target independently:
 
 - ``mode="uniform"``: ``t_b ~ U{min_age, …, max_age}`` (SAM's [0, 100]);
 - ``mode="fixed"``:   ``t_b ~ U{F − J, …, F + J}`` (both ends inclusive), the Phase-3 window, e.g. 38…42.
 
-Targets are float tensors holding integers (the age plane is ``int(t)/100``). In fixed mode every emitted
+Aging targets are float tensors holding integers (the age plane is ``int(t)/100``). In fixed mode every emitted
 aging target is checked against the window (the age lock); no-aging targets equal the input age and are
 exempt.
 """
@@ -39,7 +39,7 @@ class TargetAgeSampler:
         fixed_age: F, required in fixed mode.
         jitter: J ≥ 0 (fixed mode).
         min_age, max_age: bounds of uniform mode, inside [0, 100].
-        no_aging_prob: probability per batch that targets equal the (rounded) input ages.
+        no_aging_prob: probability per batch that targets equal the input ages.
     """
 
     def __init__(
@@ -118,7 +118,7 @@ class TargetAgeSampler:
 
         Returns:
             ``(targets, no_aging)``: ``targets`` ``[B]`` float32 on the input's device holding integers;
-            ``no_aging`` True when ``targets = round(input_ages_years)``.
+            ``no_aging`` True when ``targets = input_ages_years`` (unrounded).
         """
         assert input_ages_years.ndim == 1, (
             f"input ages must be [B], got shape {tuple(input_ages_years.shape)}"
@@ -132,7 +132,7 @@ class TargetAgeSampler:
                     "TargetAgeSampler: no-aging batch needs finite input ages, got "
                     f"{ages.tolist()} (predict missing ages with DEX first)"
                 )
-            return ages.round(), True
+            return ages.clone(), True
         lo, hi = self.bounds
         targets = torch.randint(lo, hi + 1, (ages.shape[0],), generator=generator, device=device)
         targets = targets.to(device=ages.device, dtype=torch.float32)
