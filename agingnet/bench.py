@@ -184,7 +184,8 @@ def bench_ddp_cpu(steps: int = 8, processes: tuple[int, ...] = (1, 2)) -> list[d
             trainer = ["trainer=cpu"] if w == 1 else ["trainer=ddp_cpu", f"trainer.devices={w}"]
             cmd = [sys.executable, "-m", "agingnet.train", "experiment=phase3_oneshot_40", "debug=tiny", *trainer,
                    f"trainer.max_steps={steps}", f"val_interval={10 * steps}", f"image_interval={10 * steps}",
-                   "logger=none", "callbacks.fork_export.latest_link=null", f"hydra.run.dir={run_dir}"]
+                   "logger=none", "callbacks.lr_monitor=null", "callbacks.fork_export.latest_link=null",
+                   f"hydra.run.dir={run_dir}"]
             t0 = time.perf_counter()
             r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "AGINGNET_ROOT": tmp})
             wall = time.perf_counter() - t0
