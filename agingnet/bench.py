@@ -11,8 +11,14 @@ warm-up:
 (d) mining 8 queries against a 70,000 × 512 impostor bank (:func:`agingnet.miner.bench_mining`) and its ratio
     to one full-size training step of the nets: forward + backward of the real and the cycle pass at B=2
     (measured on a GPU or with ``--full-step``; otherwise estimated as 2 passes × 3 × forward(B=2) from (c),
-    the usual forward+backward ≈ 3 × forward rule — the output says which);
-(e) ``prep align`` of the astronaut at 1024 px: ms per photo with ``--workers 1`` and 2, and the speed-up
+    the usual forward+backward ≈ 3 × forward rule — the output says which).
+
+(e) 1 vs 2 CPU processes (Lightning DDP, gloo): ``python -m agingnet.train experiment=phase3_oneshot_40
+    debug=tiny`` for a few steps without validation, once with ``trainer=cpu`` and once with ``trainer=ddp_cpu
+    trainer.devices=2`` (per-process batch 2, so the global batch doubles); each rank's median step time and
+    samples/s come from its ``throughput:`` log line (:class:`agingnet.callbacks.distributed.StepThroughput`),
+    the first step excluded. ``--ddp-only`` runs just this.
+(f) ``prep align`` of the astronaut at 1024 px: ms per photo with ``--workers 1`` and 2, and the speed-up
     (:mod:`agingnet.prep.bench`; ``--prep-only`` runs just this).
 
 Prints a markdown table and writes every number to ``outputs/bench.json`` (atomically).
@@ -164,12 +170,69 @@ def bench_sam_step(net, repeats: int, warmup: int, dev: torch.device, batch: int
 def run_prep(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from agingnet.prep.bench import bench_prep_align, rows
 
-    log("(e) prep align …")
+    log("(f) prep align …")
     res = bench_prep_align(n=4 if quick else 8, repeats=1 if quick else 2)
     log("\n| benchmark | photos | time | repeats |\n|---|---|---:|---:|")
     for row in rows(res):
         log(row)
     return res
+
+
+# ---------------------------------------------------------------- (e) 1 vs 2 DDP processes
+
+
+def bench_ddp_cpu(steps: int = 8, processes: tuple[int, ...] = (1, 2)) -> list[dict[str, Any]]:
+    """Per world size W: each rank's median step ms and samples/s, their sum (global samples/s) and the
+    command's wall time, from real ``python -m agingnet.train`` runs (tiny config, no validation)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pat = re.compile(r"throughput: rank (\d+)/(\d+) steps=(\d+) median_step_ms=([\d.]+) samples_per_s=([\d.]+)")
+    out = []
+    for w in processes:
+        with tempfile.TemporaryDirectory(prefix="agingnet-bench-ddp-") as tmp:
+            run_dir = Path(tmp) / "run"
+            trainer = ["trainer=cpu"] if w == 1 else ["trainer=ddp_cpu", f"trainer.devices={w}"]
+            cmd = [sys.executable, "-m", "agingnet.train", "experiment=phase3_oneshot_40", "debug=tiny", *trainer,
+                   f"trainer.max_steps={steps}", f"val_interval={10 * steps}", f"image_interval={10 * steps}",
+                   "logger=none", "callbacks.lr_monitor=null", "callbacks.fork_export.latest_link=null",
+                   f"hydra.run.dir={run_dir}"]
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "AGINGNET_ROOT": tmp})
+            wall = time.perf_counter() - t0
+            if r.returncode != 0:
+                raise RuntimeError(f"bench (e): {' '.join(cmd[2:])} failed: {r.stderr.strip()[-500:]}")
+            text = "".join(p.read_text() for p in run_dir.glob("*.log"))
+            ranks = sorted({int(m[0]): {"rank": int(m[0]), "median_step_ms": float(m[3]),
+                                        "samples_per_s": float(m[4])} for m in pat.findall(text)}.items())
+            if len(ranks) != w:
+                raise RuntimeError(f"bench (e): expected {w} throughput lines in {run_dir}, found {len(ranks)}")
+            per = [v for _, v in ranks]
+            out.append({"processes": w, "steps": steps, "batch_per_process": 2, "wall_s": wall, "ranks": per,
+                        "median_step_ms": max(v["median_step_ms"] for v in per),
+                        "samples_per_s": sum(v["samples_per_s"] for v in per)})
+    return out
+
+
+def run_ddp(out: Path, log: Callable[[str], None] = print, steps: int = 8) -> dict[str, Any]:
+    """Section (e) alone (``--ddp-only``): prints its table and writes ``out``."""
+    res = {"torch": torch.__version__, "cpu_count": __import__("os").cpu_count(), "ddp_cpu": bench_ddp_cpu(steps)}
+    log_ddp(res["ddp_cpu"], log)
+    atomic_write_json(res, out)
+    log(f"wrote {out}")
+    return res
+
+
+def log_ddp(rows: list[dict[str, Any]], log: Callable[[str], None]) -> None:
+    log("")
+    log("| (e) phase3_oneshot_40 debug=tiny on CPU | processes | median step ms (slowest rank) | "
+        "samples/s (all ranks) | wall s |")
+    log("|---|---:|---:|---:|---:|")
+    for r in rows:
+        log(f"| B=2 per process, {r['steps']} steps | {r['processes']} | {r['median_step_ms']:.0f} | "
+            f"{r['samples_per_s']:.2f} | {r['wall_s']:.0f} |")
 
 
 def run(quick: bool = False, full_step: bool = False, out: Path = Path("outputs/bench.json"),
@@ -229,6 +292,9 @@ def run(quick: bool = False, full_step: bool = False, out: Path = Path("outputs/
     for label, b, r in rows:
         mn = f"{r['ms_min']:.1f}" if "ms_min" in r else "—"
         log(f"| {label} | {b} | {r['ms_median']:.1f} | {mn} | {r.get('repeats', '—')} |")
+    log("(e) 1 vs 2 CPU processes (DDP) …")
+    res["ddp_cpu"] = bench_ddp_cpu(4 if quick else 8)
+    log_ddp(res["ddp_cpu"], log)
     kind = "measured" if step["measured"] else "estimated"
     log(f"\nmining / full training step ({kind}): {res['mining_over_step']:.4f} "
         f"({100 * res['mining_over_step']:.2f} % of a step)")
@@ -245,9 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--full-step", action="store_true",
                    help="measure the full-size training step on CPU too (slow)")
     p.add_argument("--out", type=Path, default=Path("outputs/bench.json"))
-    p.add_argument("--prep-only", action="store_true", help="only (e), the prep align timings")
+    p.add_argument("--prep-only", action="store_true", help="only (f), the prep align timings")
+    p.add_argument("--ddp-only", action="store_true", help="only (e): 1 vs 2 CPU processes (DDP)")
     a = p.parse_args(argv)
-    run(quick=a.quick, full_step=a.full_step, out=a.out, prep_only=a.prep_only)
+    if a.ddp_only:
+        run_ddp(a.out, steps=4 if a.quick else 8)
+    else:
+        run(quick=a.quick, full_step=a.full_step, out=a.out, prep_only=a.prep_only)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,21 @@ def _window(fixed_age, jitter, default, sign: int) -> int:
 
 
 def register_resolvers() -> None:
-    """``${window_lo:F,J,default}`` / ``${window_hi:F,J,default}`` (idempotent)."""
+    """``${window_lo:F,J,default}`` / ``${window_hi:F,J,default}`` / ``${rank_suffix:}`` (idempotent)."""
     if not OmegaConf.has_resolver("window_lo"):
         OmegaConf.register_new_resolver("window_lo", lambda f, j, d: _window(f, j, d, -1))
     if not OmegaConf.has_resolver("window_hi"):
         OmegaConf.register_new_resolver("window_hi", lambda f, j, d: _window(f, j, d, +1))
+    if not OmegaConf.has_resolver("rank_suffix"):
+        OmegaConf.register_new_resolver("rank_suffix", _rank_suffix)
+
+
+def _rank_suffix() -> str:
+    """``""`` on the (global) rank 0 process, ``.rank<r>`` on the others: one log file per DDP process."""
+    from agingnet.distributed import env_rank
+
+    r = env_rank()
+    return "" if r == 0 else f".rank{r}" if r > 0 else f".node{os.environ.get('NODE_RANK', '?')}"
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None,
@@ -83,5 +93,7 @@ def user_errors(program: str, extra: tuple[type[BaseException], ...] = ()) -> It
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(cause, handled):
             raise
         msg = cause.args[0] if isinstance(cause, KeyError) and cause.args else cause
+        if getattr(cause, "agreed_across_ranks", False) and _rank_suffix():  # DDP: rank 0 says it once
+            sys.exit(1)
         print(f"{program}: error: {msg}", file=sys.stderr)
         sys.exit(1)

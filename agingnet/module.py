@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from agingnet.data.sampler import TargetAgeSampler
+from agingnet.distributed import any_rank, gather_rng_states, zero_loss
 from agingnet.frozen_cache import FrozenCache, Keys
 from agingnet.losses.base import FrozenNets, LossContext
 from agingnet.losses.registry import LossStack
@@ -228,9 +229,12 @@ class AgingModule(L.LightningModule):
         if self.input_age == "label":
             self.log("train/label_fallbacks", float(self.label_fallbacks), batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=bs)
-        if not torch.isfinite(total) and self.hparams.nan_guard:
+        # every rank skips, or none (DDP: one rank's non-finite loss skips the step everywhere)
+        if self.hparams.nan_guard and any_rank(~torch.isfinite(total.detach()), self._trainer):
             self._skip_pending = True  # on_before_optimizer_step aborts the optimizer step (see there)
             log.warning("non-finite loss at step %d: step skipped", self.abs_step)
+            if int(getattr(self._trainer, "world_size", 1) or 1) > 1:
+                return zero_loss(self)  # Lightning refuses None under DDP; the grads are dropped before the step
             return None
         return total
 
@@ -323,29 +327,44 @@ class AgingModule(L.LightningModule):
         lo, hi = self.sampler.bounds
         return torch.randint(lo, hi + 1, (n,), generator=self._val_gen).float()
 
+    def _seed_val_batch(self, batch_idx: int) -> int:
+        """Seed every stream validation draws from with val_seed + k, k = the batch's index in the 1-process
+        order (DDP rank r validates batches r, r+W, …): the metrics do not depend on the number of processes."""
+        world = int(getattr(self._trainer, "world_size", 1) or 1)
+        k = batch_idx * world + int(getattr(self._trainer, "global_rank", 0) or 0)
+        seed = int(self.hparams.val_seed) + k
+        torch.manual_seed(seed)
+        for g in [self._val_gen, *self.term_generators()]:
+            g.manual_seed(seed)
+        return k
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        k = self._seed_val_batch(batch_idx)
         x = batch["image"]
         bs = x.shape[0]
         keys = self._cache_keys(batch)
         input_years = self._input_ages(batch, keys)
         _, loss_logged, logs, _ = self.run_passes(x, input_years, input_years, True, "const", self.abs_step, keys)
         total = logs["real/total"] + logs["cycle/total"]
-        self.log("val/total", total, prog_bar=True, batch_size=bs)
-        self.log("val/loss", loss_logged, batch_size=bs)
-        self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=bs)
+        self.log("val/total", total, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/loss", loss_logged, batch_size=bs, sync_dist=True)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=bs, sync_dist=True)
         start = getattr(self, "_val_index", 0)
         self._val_index = start + bs
+        if int(getattr(self._trainer, "world_size", 1) or 1) > 1:  # DDP: the batch's offset in the 1-process order
+            loader_bs = getattr(getattr(self._trainer, "val_dataloaders", None), "batch_size", None) or bs
+            start = k * int(loader_bs)
         targets = self.aging_targets(bs, start).to(x.device, x.dtype)
         y_aged, _ = self.net(self._prep(add_age_channel(self._prep(x), targets / 100.0)), noise_mode="const")
         out_age = self.frozen.predict_age(y_aged)
-        self.log("val/aging/mae", (out_age - targets).abs().mean(), batch_size=bs)
-        self.log("val/aging/output_age", out_age.mean(), batch_size=bs)
-        self.log("val/aging/target_age", targets.mean(), batch_size=bs)
+        self.log("val/aging/mae", (out_age - targets).abs().mean(), batch_size=bs, sync_dist=True)
+        self.log("val/aging/output_age", out_age.mean(), batch_size=bs, sync_dist=True)
+        self.log("val/aging/target_age", targets.mean(), batch_size=bs, sync_dist=True)
         win = self.sampler.window
         if win is not None:
             inside = ((out_age >= win[0]) & (out_age <= win[1])).float().mean()
-            self.log("val/aging/in_window", inside, batch_size=bs)
-        self.log("val/used_ema", float(self.using_ema), batch_size=bs)
+            self.log("val/aging/in_window", inside, batch_size=bs, sync_dist=True)
+        self.log("val/used_ema", float(self.using_ema), batch_size=bs, sync_dist=True)
         if batch_idx == 0:
             self._last_val_images = {"input": x.detach(), "output": y_aged.detach(), "target_age": targets,
                                      "output_age": out_age.detach(), "input_age": input_years.detach()}
@@ -364,10 +383,14 @@ class AgingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Persist what Lightning does not, for an exact resume: every RNG a training step draws from (global
         CPU/CUDA, target ages, ROI jitter, the miner), the batch count, NaN skips and the step offset."""
+        rng = {name: g.get_state() for name, g in self._named_generators().items()}
         checkpoint["agingnet"] = {
-            "rng": {name: g.get_state() for name, g in self._named_generators().items()},
+            "rng": rng,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # DDP: Lightning writes rank 0's file only; every rank's streams go in it (rng_per_rank[r])
+            "world_size": int(getattr(self._trainer, "world_size", 1) or 1),
+            "rng_per_rank": gather_rng_states({**rng, "torch_rng": torch.get_rng_state()}, self._trainer),
             "batches_seen": self.batches_seen, "nan_skips": self.nan_skips, "step_offset": self.step_offset,
             "consecutive_skips": self.consecutive_skips,
             "stage": self.stage, "label_fallbacks": self.label_fallbacks,
@@ -377,6 +400,11 @@ class AgingModule(L.LightningModule):
         state = checkpoint.get("agingnet")
         if not state:
             return
+        per_rank = state.get("rng_per_rank")
+        if per_rank and self._trainer is not None and int(self._trainer.world_size) == len(per_rank):
+            mine = dict(per_rank[int(self._trainer.global_rank)])
+            state = {**state, "torch_rng": mine.pop("torch_rng"), "cuda_rng_current": mine.pop("cuda_rng", None),
+                     "rng": mine}
         self.batches_seen, self.nan_skips = int(state["batches_seen"]), int(state["nan_skips"])
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.step_offset = int(state["step_offset"])
@@ -399,7 +427,9 @@ class AgingModule(L.LightningModule):
             if name in gens:
                 gens[name].set_state(g_state)
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
+        if state.get("cuda_rng_current") is not None and self.device.type == "cuda":  # this rank's device
+            torch.cuda.set_rng_state(state["cuda_rng_current"], self.device)
+        elif state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self._pending_rng = None
 

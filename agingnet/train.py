@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from agingnet.config import CONFIG_DIR, DISK_ERRNOS, register_resolvers, user_errors
+from agingnet.distributed import check_devices, check_resume_world_size, is_env_rank_zero
 from agingnet.io import atomic_write_text, remove_stale_temporaries
 from agingnet.module import RunDiverged
 
@@ -66,7 +67,8 @@ def prepare_bank(cfg: DictConfig) -> None:
     ages = torch.arange(18, 81, dtype=torch.float32).repeat_interleave(max(1, n // 5))  # the bank's 18–80
     emb = torch.nn.functional.normalize(torch.randn(len(ages), dim, generator=g), dim=1)
     path = Path(cfg.paths.output_dir) / "banks" / "synthetic_bank.pt"
-    ImpostorBank.from_embeddings(emb, ages, meta={"source": "synthetic (debug)", "embed": "random"}).save(path)
+    if is_env_rank_zero():  # DDP: rank 0 writes it before fit; the others check it exists (RankSetup)
+        ImpostorBank.from_embeddings(emb, ages, meta={"source": "synthetic (debug)", "embed": "random"}).save(path)
     with open_dict(cfg):
         cfg.miner.bank_path = str(path)
     log.info("no impostor bank at the configured path: wrote a random one to %s", path)
@@ -77,6 +79,8 @@ def check_output_dir(cfg: DictConfig, output_dir: str | os.PathLike | None = Non
     (``resume_from`` inside its ``checkpoints/``): a run never writes into another run's folder."""
     out = Path(output_dir if output_dir is not None else cfg.paths.output_dir)
     ckpt_dir = out / "checkpoints"
+    if not is_env_rank_zero():  # DDP: the other ranks join rank 0's run folder, which rank 0 has checked
+        return
     if not (ckpt_dir.is_dir() and any(p for p in ckpt_dir.iterdir() if not p.name.startswith("."))):
         return
     resume = cfg.get("resume_from")
@@ -183,13 +187,15 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     """Train with a composed config; returns the final callback metrics as floats and the run folder.
     ``extra_callbacks`` are added to the configured ones (tests, notebooks)."""
     validate_config(cfg)
+    check_devices(cfg.trainer)
     out = Path(cfg.paths.output_dir)
-    remove_stale_temporaries(out / "checkpoints")
+    if is_env_rank_zero():  # DDP: rank 0 owns the run folder's files
+        remove_stale_temporaries(out / "checkpoints")
     prepare_bank(cfg)
     check_bank(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out.mkdir(parents=True, exist_ok=True)
-    if not (cfg.get("resume_from") and (out / "config.yaml").is_file()):
+    if is_env_rank_zero() and not (cfg.get("resume_from") and (out / "config.yaml").is_file()):
         atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), out / "config.yaml")
 
     datamodule = build_datamodule(cfg)
@@ -197,6 +203,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks") + list(extra_callbacks)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.get("resume_from"):
+        check_resume_world_size(cfg.resume_from, trainer.world_size)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("resume_from"))
     except OSError as e:
@@ -207,7 +215,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
                                f"{out / 'checkpoints'} are intact") from e
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     log.info("outputs in %s", out)
-    print(f"[agingnet] run folder: {out}\n[agingnet] TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    if trainer.is_global_zero:
+        print(f"[agingnet] run folder: {out}\n[agingnet] TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     return {"metrics": metrics, "output_dir": str(out), "abs_step": model.abs_step}
 
 

@@ -8,11 +8,12 @@ reproducible) and drops the last partial batch by default; validation never shuf
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
 
 __all__ = ["AgingDataModule", "ResumableRandomSampler", "collate_faces"]
 
@@ -31,12 +32,21 @@ class ResumableRandomSampler(Sampler):
     draws come from a generator seeded with (seed, e), so the stream is a pure function of (seed, p): a resume
     that restarts at p continues exactly where the interrupted run was. (Lightning restarts a plain DataLoader's
     epoch on resume; torch's RandomSampler has no position state.)
+
+    Multi-process: with ``world_size`` W > 1 and per-rank ``batch_size`` B, the global stream is cut into blocks
+    of B consecutive samples and rank r reads blocks r, r + W, r + 2W, …, so training step k of the W ranks
+    together covers global positions [start + kBW, start + (k+1)BW): the same samples, in the same order, as one
+    process with batch B·W, disjoint across ranks. ``start`` is a global position (a multiple of B·W).
     """
 
-    def __init__(self, n: int, seed: int, flip_p: float = 0.5, start: int = 0):
+    def __init__(self, n: int, seed: int, flip_p: float = 0.5, start: int = 0, rank: int = 0,
+                 world_size: int = 1, batch_size: int = 1):
         if n < 1:
             raise ValueError("ResumableRandomSampler needs a non-empty dataset")
+        if not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"ResumableRandomSampler: rank {rank} outside world_size {world_size}")
         self.n, self.seed, self.flip_p, self.start = int(n), int(seed), float(flip_p), int(start)
+        self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
 
     def epoch(self, e: int) -> tuple[list[int], list[bool]]:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + e) % 2**63)
@@ -44,16 +54,22 @@ class ResumableRandomSampler(Sampler):
         flips = (torch.rand(self.n, generator=g) < self.flip_p).tolist()
         return perm, flips
 
-    def __iter__(self):
-        p = self.start
-        cached = (-1, ([], []))
+    def positions(self):
+        """The global positions this rank reads, in order (endless)."""
+        b, w = self.batch_size, self.world_size
+        block = self.start + self.rank * b
         while True:
+            yield from range(block, block + b)
+            block += b * w
+
+    def __iter__(self):
+        cached = (-1, ([], []))
+        for p in self.positions() if self.world_size > 1 else itertools.count(self.start):
             e, off = divmod(p, self.n)
             if cached[0] != e:
                 cached = (e, self.epoch(e))
             perm, flips = cached[1]
             yield perm[off], flips[off]
-            p += 1
 
 
 def _unaugmented(ds: Dataset, role: str) -> Dataset:
@@ -138,31 +154,60 @@ class AgingDataModule(L.LightningDataModule):
                 f"{self.batch_size} with drop_last=True (no batch would be produced)"
             )
         seed = int(self.seed if self.seed is not None else torch.initial_seed()) % 2**63
+        rank, world = self._rank_world()
         if not self.resumable:
             gen = torch.Generator().manual_seed(seed)
-            return self._loader(self.train_set, self.batch_size, True, self.drop_last, gen)
-        sampler = ResumableRandomSampler(n, seed, getattr(self.train_set, "flip_p", 0.0), start=self._start)
+            if world == 1:
+                return self._loader(self.train_set, self.batch_size, True, self.drop_last, gen)
+            shard = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                       drop_last=self.drop_last)  # Lightning calls its set_epoch
+            return DataLoader(self.train_set, batch_size=self.batch_size, sampler=shard, drop_last=self.drop_last,
+                              num_workers=self.num_workers, pin_memory=self.pin_memory,
+                              persistent_workers=self.persistent_workers, collate_fn=collate_faces)
+        sampler = ResumableRandomSampler(n, seed, getattr(self.train_set, "flip_p", 0.0), start=self._start,
+                                         rank=rank, world_size=world, batch_size=self.batch_size)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
                           collate_fn=collate_faces, generator=torch.Generator().manual_seed(seed))
 
+    def _rank_world(self) -> tuple[int, int]:
+        """(global rank, world size) of the attached trainer; (0, 1) without one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
     def state_dict(self) -> dict[str, Any]:
-        """The training stream's position (samples consumed by finished training steps), for exact resume."""
+        """The training stream's global position (samples consumed by finished training steps on all ranks),
+        for exact resume."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         seen = int(getattr(module, "batches_seen", 0))
-        return {"position": seen * self.batch_size, "batch_size": self.batch_size}
+        world = self._rank_world()[1]
+        return {"position": seen * self.batch_size * world, "batch_size": self.batch_size, "world_size": world}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state.get("batch_size", self.batch_size)) != self.batch_size:
             raise ValueError(f"resume: the checkpoint was trained with batch_size={state['batch_size']}, "
                              f"the config has {self.batch_size}")
+        world = self._rank_world()[1]
+        if int(state.get("world_size", 1)) != world:
+            raise ValueError(f"resume: the checkpoint was trained on {state['world_size']} process(es), this run "
+                             f"has {world}")
         self._start = int(state.get("position", 0))
 
     def val_dataloader(self) -> DataLoader | list:
         """Fixed order, no flips, every sample kept; an empty list when no val dataset is configured."""
         if self.val_set is None:
             return []
-        return self._loader(_unaugmented(self.val_set, "val"), self.val_batch_size, False, False)
+        ds = _unaugmented(self.val_set, "val")
+        rank, world = self._rank_world()
+        if world > 1:  # rank r: val batches r, r+W, … of the 1-process order (metrics are reduced across ranks)
+            n, b = len(ds), self.val_batch_size  # type: ignore[arg-type]
+            if n <= (world - 1) * b:
+                raise ValueError(f"AgingDataModule: the val dataset has {n} images: with val_batch_size={b} "
+                                 f"the last of {world} processes would get none")
+            ds = Subset(ds, [i for i in range(n) if (i // b) % world == rank])
+        return self._loader(ds, self.val_batch_size, False, False)
 
     def personal_bank_dataset(self) -> Dataset:
         """The training images without augmentation (same files, ``train=False``), for the NN-ID bank."""
