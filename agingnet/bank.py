@@ -55,7 +55,8 @@ def load_image(path: str | Path, size: int = SIZE) -> Tensor:
 
 def laplacian_variance(images: Tensor) -> Tensor:
     """Var of the 3×3 Laplacian of the grey image (0…255 scale, valid conv): [B,3,H,W] in [−1,1] → [B]."""
-    assert images.ndim == 4 and images.shape[1] == 3, f"expected [B,3,H,W], got {tuple(images.shape)}"
+    if not (images.ndim == 4 and images.shape[1] == 3):
+        raise ValueError(f"expected [B,3,H,W], got {tuple(images.shape)}")
     grey = torch.einsum("bchw,c->bhw", (images.float() + 1) * 127.5, _LUMA.to(images.device))[:, None]
     lap = F.conv2d(grey, _LAPLACIAN.to(images.device)[None, None])
     return lap.flatten(1).var(dim=1, unbiased=False)
@@ -95,8 +96,8 @@ def build_bank(image_paths: Iterable[str | Path], embed_fn: Callable[[Tensor], T
         raise ValueError(f"bank build: batch_size must be ≥ 1, got {batch_size}")
     actors = None
     if actor_embeddings is not None:
-        assert actor_embeddings.ndim == 2, \
-            f"actor embeddings must be [A,D], got {tuple(actor_embeddings.shape)}"
+        if not (actor_embeddings.ndim == 2):
+            raise ValueError(f"actor embeddings must be [A,D], got {tuple(actor_embeddings.shape)}")
         actors = F.normalize(actor_embeddings.float(), dim=1).to(device)
     loader = torch.utils.data.DataLoader(_ImageList(paths), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
@@ -114,9 +115,11 @@ def build_bank(image_paths: Iterable[str | Path], embed_fn: Callable[[Tensor], T
             continue
         img = img[keep]
         e = embed_fn(img).float()
-        assert e.ndim == 2 and e.shape[0] == img.shape[0], f"embed_fn must return [B,D], got {tuple(e.shape)}"
+        if not (e.ndim == 2 and e.shape[0] == img.shape[0]):
+            raise ValueError(f"embed_fn must return [B,D], got {tuple(e.shape)}")
         a = age_fn(img).float().reshape(-1)
-        assert a.shape == (img.shape[0],), f"age_fn must return [B] ages, got {tuple(a.shape)}"
+        if not (a.shape == (img.shape[0],)):
+            raise ValueError(f"age_fn must return [B] ages, got {tuple(a.shape)}")
         if actors is not None:
             not_actor = (e @ actors.T).amax(dim=1) < actor_max_sim
             n["n_actor"] += int((~not_actor).sum())

@@ -150,8 +150,10 @@ def aging_codes(net: AgingNet, x: Tensor, target_years: Tensor, input_years: Ten
 
     ``identity_codes`` (E(x ⊕ a/100)) may be passed in to share it across target ages.
     """
-    assert x.ndim == 4 and x.shape[1] == 3, f"x must be [B,3,H,W], got {tuple(x.shape)}"
-    assert target_years.shape == (x.shape[0],), f"target_years must be [B], got {tuple(target_years.shape)}"
+    if not (x.ndim == 4 and x.shape[1] == 3):
+        raise ValueError(f"x must be [B,3,H,W], got {tuple(x.shape)}")
+    if not (target_years.shape == (x.shape[0],)):
+        raise ValueError(f"target_years must be [B], got {tuple(target_years.shape)}")
     aged = net.encode(add_age_channel(x, target_years.to(x) / 100.0))
     if float(strength) == 1.0 and not strict_pose:
         return aged
@@ -167,7 +169,8 @@ def age_batch(net: AgingNet, x: Tensor, target_ages: Sequence[int], input_years:
               strength: float = 1.0, strict_pose: bool = False, output_size: int | None = None) -> Tensor:
     """Images [A,B,3,S,S] in [-1,1] of x [B,3,H,W] at each of the A target ages (S = output_size, default the
     decoder's size). One encoder/decoder call per age on the whole batch; the identity code is shared."""
-    assert x.ndim == 4 and x.shape[1] == 3, f"x must be [B,3,H,W], got {tuple(x.shape)}"
+    if not (x.ndim == 4 and x.shape[1] == 3):
+        raise ValueError(f"x must be [B,3,H,W], got {tuple(x.shape)}")
     size = int(output_size or net.decoder.size)
     blend = not (float(strength) == 1.0 and not strict_pose)
     ident = None

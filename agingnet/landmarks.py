@@ -54,7 +54,8 @@ TEMPLATE_68: tuple[tuple[float, float], ...] = (
 
 
 def _check_images(images: Tensor) -> None:
-    assert images.ndim == 4 and images.shape[1] == 3, f"expected images [B,3,H,W], got {tuple(images.shape)}"
+    if not (images.ndim == 4 and images.shape[1] == 3):
+        raise ValueError(f"expected images [B,3,H,W], got {tuple(images.shape)}")
 
 
 def _as_uint8(images: Tensor) -> np.ndarray:
@@ -181,7 +182,8 @@ class TemplateLandmarks(LandmarkDetector):
     def __init__(self, size: int = 256):
         self.size = int(size)
         self._uv = torch.tensor(TEMPLATE_68, dtype=torch.float32)
-        assert self._uv.shape == (68, 2), "TEMPLATE_68 must hold 68 (u, v) pairs"
+        if not (self._uv.shape == (68, 2)):
+            raise ValueError("TEMPLATE_68 must hold 68 (u, v) pairs")
 
     def points(self, width: int | None = None, height: int | None = None) -> Tensor:
         """Template [68,2] for a width × height image (default ``size``)."""

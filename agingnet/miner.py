@@ -105,8 +105,9 @@ class ImpostorBank:
     def from_embeddings(cls, embeddings: Tensor, ages: Tensor, meta: dict[str, Any] | None = None,
                         source: str = "<memory>") -> ImpostorBank:
         """Bin by the age rule; rows with age outside [18, 80] (or non-finite) are dropped."""
-        assert embeddings.ndim == 2 and ages.shape == (embeddings.shape[0],), \
-            f"expected embeddings [N,D] and ages [N], got {tuple(embeddings.shape)} and {tuple(ages.shape)}"
+        if not (embeddings.ndim == 2 and ages.shape == (embeddings.shape[0],)):
+            raise ValueError(f"expected embeddings [N,D] and ages [N], got {tuple(embeddings.shape)} and "
+                             f"{tuple(ages.shape)}")
         keep = torch.isfinite(ages) & (ages >= MIN_AGE) & (ages <= MAX_AGE)
         return cls(embeddings[keep], ages[keep], age_to_bin(ages[keep]), meta=meta, source=source)
 
@@ -375,12 +376,13 @@ class ImpostorMiner:
 
     def mine_ids(self, queries: Tensor, target_ages_years: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
         """Bank row ids [B,k] (long, CPU), their similarities ⟨q, e⟩ [B,k] (padding too) and the stats."""
-        assert queries.ndim == 2 and queries.shape[1] == self.bank.dim, \
-            f"queries must be [B,{self.bank.dim}], got {tuple(queries.shape)}"
+        if not (queries.ndim == 2 and queries.shape[1] == self.bank.dim):
+            raise ValueError(f"queries must be [B,{self.bank.dim}], got {tuple(queries.shape)}")
         b = queries.shape[0]
-        assert b > 0, "mine() needs at least one query"
-        assert target_ages_years.shape == (b,), \
-            f"target ages must be [{b}], got {tuple(target_ages_years.shape)}"
+        if not (b > 0):
+            raise ValueError("mine() needs at least one query")
+        if not (target_ages_years.shape == (b,)):
+            raise ValueError(f"target ages must be [{b}], got {tuple(target_ages_years.shape)}")
         cfg, k = self.cfg, self.cfg.k
         tb = age_to_bin(target_ages_years.detach().cpu())
         rmax = max(cfg.radius, cfg.max_radius)

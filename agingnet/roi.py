@@ -35,7 +35,8 @@ def check_region(region: str) -> str:
 
 def clip_boxes(boxes: Tensor, size: int | tuple[int, int], min_side: float = 1.0) -> Tensor:
     """Clip boxes to the W×H image (``size`` = S or (H, W)), keeping every side ≥ ``min_side`` pixels."""
-    assert boxes.ndim == 2 and boxes.shape[1] == 4, f"boxes must be [B,4], got {tuple(boxes.shape)}"
+    if not (boxes.ndim == 2 and boxes.shape[1] == 4):
+        raise ValueError(f"boxes must be [B,4], got {tuple(boxes.shape)}")
     h, w = (size, size) if isinstance(size, int) else size
     lim = boxes.new_tensor([w, h])
     lo = torch.minimum(torch.maximum(boxes[:, :2], torch.zeros_like(lim)), lim - min_side)
@@ -54,9 +55,10 @@ def region_boxes(points: Tensor, valid: Tensor, region: str, size: int,
     non-finite landmark counts as a failure.
     """
     check_region(region)
-    assert points.ndim == 3 and points.shape[1:] == (68, 2), \
-        f"points must be [B,68,2], got {tuple(points.shape)}"
-    assert valid.shape == points.shape[:1], f"valid must be [B], got {tuple(valid.shape)}"
+    if not (points.ndim == 3 and points.shape[1:] == (68, 2)):
+        raise ValueError(f"points must be [B,68,2], got {tuple(points.shape)}")
+    if not (valid.shape == points.shape[:1]):
+        raise ValueError(f"valid must be [B], got {tuple(valid.shape)}")
     p = points[:, list(REGIONS[region])].float()
     mn, mx = p.amin(dim=1), p.amax(dim=1)
     ok = valid.bool() & torch.isfinite(points).all(dim=2).all(dim=1)
@@ -75,7 +77,8 @@ def jitter_boxes(boxes: Tensor, jitter: float, generator: torch.Generator | None
     Three independent uniforms per box, drawn from ``generator`` (on its own device). Clipped to the image
     when ``size`` is given.
     """
-    assert boxes.ndim == 2 and boxes.shape[1] == 4, f"boxes must be [B,4], got {tuple(boxes.shape)}"
+    if not (boxes.ndim == 2 and boxes.shape[1] == 4):
+        raise ValueError(f"boxes must be [B,4], got {tuple(boxes.shape)}")
     if jitter < 0:
         raise ValueError(f"ROI jitter must be >= 0, got {jitter}")
     if jitter > 0:
@@ -96,9 +99,11 @@ def crop_boxes(images: Tensor, boxes: Tensor, out_size: int) -> Tensor:
     Output pixel i samples the source at x0 + (i + 0.5)·(x1 − x0)/out in continuous coordinates, i.e. at
     pixel index x0 − 0.5 + (i + 0.5)·w/out (same for y); borders replicate the edge pixel.
     """
-    assert images.ndim == 4, f"images must be [B,C,H,W], got {tuple(images.shape)}"
+    if not (images.ndim == 4):
+        raise ValueError(f"images must be [B,C,H,W], got {tuple(images.shape)}")
     b = images.shape[0]
-    assert boxes.shape == (b, 4), f"boxes must be [{b},4], got {tuple(boxes.shape)}"
+    if not (boxes.shape == (b, 4)):
+        raise ValueError(f"boxes must be [{b},4], got {tuple(boxes.shape)}")
     if out_size < 2:
         raise ValueError(f"ROI crop size must be >= 2, got {out_size}")
     bx = boxes.to(images)

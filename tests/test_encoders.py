@@ -102,7 +102,7 @@ def test_irse_fork_variant_runs_at_56px():
     torch.manual_seed(0)
     net = IRSEBackbone(input_size=56, embed_dim=16, fork_variant=True, **TINY).eval()
     assert net(torch.randn(2, 3, 56, 56)).shape == (2, 16)
-    with pytest.raises(AssertionError, match=r"IR-SE expects \[B,3,56,56\], got \(2, 3, 112, 112\)"):
+    with pytest.raises(ValueError, match=r"IR-SE expects \[B,3,56,56\], got \(2, 3, 112, 112\)"):
         net(torch.randn(2, 3, 112, 112))
 
 
@@ -203,7 +203,7 @@ def test_encoder_errors():
     with pytest.raises(ValueError, match=r"last stage width \(32\) must equal style_dim \(64\)"):
         GradualStyleEncoder(style_dim=64, **TINY)
     enc = GradualStyleEncoder(input_nc=4, n_styles=4, style_dim=32, **TINY)
-    with pytest.raises(AssertionError, match=r"encoder expects \[B,4,H,W\], got \(1, 3, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"encoder expects \[B,4,H,W\], got \(1, 3, 64, 64\)"):
         enc(torch.randn(1, 3, 64, 64))
 
 
@@ -243,7 +243,7 @@ def test_dex_resizes_input(tiny_dex):
     small = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
     with torch.no_grad():
         torch.testing.assert_close(tiny_dex(x), tiny_dex(small))
-    with pytest.raises(AssertionError, match=r"DEX expects \[B,3,H,W\]"):
+    with pytest.raises(ValueError, match=r"DEX expects \[B,3,H,W\]"):
         tiny_dex(torch.zeros(1, 1, 64, 64))
 
 
@@ -265,9 +265,9 @@ def test_blender_formula_and_shapes():
         torch.testing.assert_close(out[:, i], ref)
     out.sum().backward()
     assert bl.age_mlp[0].weight.grad.abs().sum() > 0
-    with pytest.raises(AssertionError, match=r"codes must be \[B,4,12\]"):
+    with pytest.raises(ValueError, match=r"codes must be \[B,4,12\]"):
         bl(torch.randn(2, 5, 12), t)
-    with pytest.raises(AssertionError, match=r"target_age must be \[B\], got \(2, 1\)"):
+    with pytest.raises(ValueError, match=r"target_age must be \[B\], got \(2, 1\)"):
         bl(codes, t[:, None])
 
 

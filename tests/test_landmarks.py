@@ -43,7 +43,7 @@ def test_template_shapes_and_scaling():
     assert pts[0, 36].tolist() == pytest.approx([u * 256 - 0.5, v * 256 - 0.5])
     pil = det.detect_pil(Image.new("RGB", (128, 128)))
     assert pil.shape == (68, 2) and np.allclose(pil, (pts[0].numpy() + 0.5) / 2 - 0.5, atol=1e-5)
-    with pytest.raises(AssertionError, match=r"\[B,3,H,W\]"):
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
         det(torch.zeros(3, 256, 256))
 
 

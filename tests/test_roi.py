@@ -166,7 +166,7 @@ def test_crop_samples_pixel_centres_and_gradient():
     out[0].sum().backward()
     g = img.grad[0, 0]
     assert g[20:30, 10:30].sum() > 0 and g[40:, :].abs().sum() == 0 and img.grad[1].abs().sum() == 0
-    with pytest.raises(AssertionError, match=r"boxes must be \[2,4\]"):
+    with pytest.raises(ValueError, match=r"boxes must be \[2,4\]"):
         crop_boxes(img, boxes[:1], 8)
 
 

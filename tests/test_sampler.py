@@ -136,5 +136,5 @@ def test_bad_arguments(kwargs: dict, match: str):
 
 
 def test_input_shape_asserted():
-    with pytest.raises(AssertionError, match=r"\[B\]"):
+    with pytest.raises(ValueError, match=r"\[B\]"):
         TargetAgeSampler().sample(torch.zeros(2, 1))

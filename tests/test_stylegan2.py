@@ -172,9 +172,9 @@ def test_channel_table_missing_resolution():
 
 
 def test_wrong_w_plus_shape(tiny):
-    with pytest.raises(AssertionError, match=r"W\+ codes must be \[B,8,32\], got \(2, 7, 32\)"):
+    with pytest.raises(ValueError, match=r"W\+ codes must be \[B,8,32\], got \(2, 7, 32\)"):
         tiny(torch.zeros(2, 7, 32))
-    with pytest.raises(AssertionError, match=r"z must be \[B,32\]"):
+    with pytest.raises(ValueError, match=r"z must be \[B,32\]"):
         tiny(torch.zeros(2, 16), input_is_latent=False)
 
 

@@ -29,8 +29,8 @@ def embed_personal_set(dataset, embed_fn, batch_size: int = 16, include_flips: b
     embs, keys = [], []
     for batch in loader:
         img = batch["image"].to(device)
-        assert img.ndim == 4 and img.shape[1] == 3, \
-            f"personal bank images must be [B,3,H,W], got {tuple(img.shape)}"
+        if not (img.ndim == 4 and img.shape[1] == 3):
+            raise ValueError(f"personal bank images must be [B,3,H,W], got {tuple(img.shape)}")
         key = torch.as_tensor(batch["age"], dtype=torch.float32).reshape(-1).to(device) / 100.0
         embs.append(embed_fn(img))
         keys.append(key)

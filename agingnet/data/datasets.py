@@ -126,9 +126,8 @@ class _FaceDataset(Dataset):
         if isinstance(img, Image.Image) and img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BILINEAR)
         x = _to_tensor(img)
-        assert x.shape == (3, self.size, self.size), (
-            f"{path}: image tensor {tuple(x.shape)} != (3, {self.size}, {self.size})"
-        )
+        if not (x.shape == (3, self.size, self.size)):
+            raise ValueError(f"{path}: image tensor {tuple(x.shape)} != (3, {self.size}, {self.size})")
         if flip is None:
             flip = self.flip_p > 0 and bool(torch.rand(()) < self.flip_p)
         flipped = bool(self.train and flip)

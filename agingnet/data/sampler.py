@@ -87,7 +87,8 @@ class TargetAgeSampler:
         """The age-lock window ``(F − J, F + J)`` in fixed mode, ``None`` in uniform mode."""
         if self.mode != "fixed":
             return None
-        assert self.fixed_age is not None
+        if not (self.fixed_age is not None):
+            raise RuntimeError('internal check failed: self.fixed_age is not None')
         return self.fixed_age - self.jitter, self.fixed_age + self.jitter
 
     @property
@@ -120,9 +121,8 @@ class TargetAgeSampler:
             ``(targets, no_aging)``: ``targets`` ``[B]`` float32 on the input's device holding integers;
             ``no_aging`` True when ``targets = input_ages_years`` (unrounded).
         """
-        assert input_ages_years.ndim == 1, (
-            f"input ages must be [B], got shape {tuple(input_ages_years.shape)}"
-        )
+        if not (input_ages_years.ndim == 1):
+            raise ValueError(f"input ages must be [B], got shape {tuple(input_ages_years.shape)}")
         ages = input_ages_years.float()
         device = generator.device if generator is not None else ages.device
         no_aging = bool(torch.rand((), generator=generator, device=device) < self.no_aging_prob)

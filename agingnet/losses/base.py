@@ -55,7 +55,8 @@ class FrozenNets(nn.Module):
         """
         if self.arcface is None:
             raise RuntimeError("an identity term needs the IR-SE50 network (model.arcface) but none is configured")
-        assert img.ndim == 4 and img.shape[1] == 3, f"expected [B,3,H,W], got {tuple(img.shape)}"
+        if not (img.ndim == 4 and img.shape[1] == 3):
+            raise ValueError(f"expected [B,3,H,W], got {tuple(img.shape)}")
         if img.shape[-1] != 256 or img.shape[-2] != 256:
             img = nn.functional.adaptive_avg_pool2d(img, (256, 256))
         t, b, l, r = ID_CROP
@@ -94,8 +95,10 @@ class LossContext:
 
     def __post_init__(self):
         b = self.x.shape[0]
-        assert self.y_hat.shape == self.y.shape, f"y_hat {tuple(self.y_hat.shape)} vs y {tuple(self.y.shape)}"
-        assert self.input_ages.shape == (b,) and self.target_ages.shape == (b,), "ages must be [B]"
+        if not (self.y_hat.shape == self.y.shape):
+            raise ValueError(f"y_hat {tuple(self.y_hat.shape)} vs y {tuple(self.y.shape)}")
+        if not (self.input_ages.shape == (b,) and self.target_ages.shape == (b,)):
+            raise ValueError("ages must be [B]")
 
     @property
     def batch_size(self) -> int:

@@ -57,7 +57,8 @@ class ContrastiveIDLoss(LossTerm):
     def miner(self) -> ImpostorMiner:
         if self._miner is None:
             self.reload()
-        assert self._miner is not None
+        if not (self._miner is not None):
+            raise RuntimeError('internal check failed: self._miner is not None')
         return self._miner
 
     def file_stat(self) -> tuple[int, int]:
@@ -89,8 +90,8 @@ class ContrastiveIDLoss(LossTerm):
         q = ctx.feat_y_hat[active]  # [A,D] with gradient
         neg, stats = self.miner.mine(q.detach(), ctx.target_ages[active].detach().float() * 100.0)
         neg = neg.detach().to(q.dtype)
-        assert neg.ndim == 3 and neg.shape[0] == q.shape[0] and neg.shape[2] == q.shape[1], \
-            f"negatives {tuple(neg.shape)} for queries {tuple(q.shape)}"
+        if not (neg.ndim == 3 and neg.shape[0] == q.shape[0] and neg.shape[2] == q.shape[1]):
+            raise ValueError(f"negatives {tuple(neg.shape)} for queries {tuple(q.shape)}")
         logits = torch.einsum("ad,akd->ak", q, neg) / self.temperature
         value = torch.logsumexp(logits, dim=1).mean()
         self.last_stats = {"applied_ratio": ratio, **{k: float(v) for k, v in stats.items()}}

@@ -68,8 +68,9 @@ class NNIDLoss(LossTerm):
         if ctx.no_aging or not inside:
             return ctx.y_hat.sum() * 0.0, {"active": 0.0}
         q = ctx.feat_y_hat  # [B,D], with gradient
-        assert q.ndim == 2 and q.shape[1] == self.bank_embeddings.shape[1], \
-            f"nn_id: embedding dim {tuple(q.shape)} vs personal bank {tuple(self.bank_embeddings.shape)}"
+        if not (q.ndim == 2 and q.shape[1] == self.bank_embeddings.shape[1]):
+            raise ValueError(f"nn_id: embedding dim {tuple(q.shape)} vs personal bank "
+                             f"{tuple(self.bank_embeddings.shape)}")
         sims = q @ self.bank_embeddings.to(q.dtype).T  # [B,N]
         best = sims.masked_fill(~self.neighbour_mask(t.to(q.device)), float("-inf")).amax(dim=1)
         return (1.0 - best).mean(), {"active": 1.0, "nn_sim": best.detach().mean()}

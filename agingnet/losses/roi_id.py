@@ -63,8 +63,8 @@ class ROIIDLoss(LossTerm):
 
     def forward(self, ctx: LossContext) -> tuple[Tensor, dict[str, Any]]:
         y, y_hat = ctx.y, ctx.y_hat
-        assert y_hat.ndim == 4 and y_hat.shape[1] == 3 and y_hat.shape[-1] == y_hat.shape[-2], \
-            f"ROI-ID expects square images [B,3,S,S], got {tuple(y_hat.shape)}"
+        if not (y_hat.ndim == 4 and y_hat.shape[1] == 3 and y_hat.shape[-1] == y_hat.shape[-2]):
+            raise ValueError(f"ROI-ID expects square images [B,3,S,S], got {tuple(y_hat.shape)}")
         b, side = y_hat.shape[0], int(y_hat.shape[-1])
         provider = ctx.extra.get("source_landmarks_provider")  # the module's per-(file, flip) cache
         with torch.no_grad():
@@ -88,7 +88,8 @@ class ROIIDLoss(LossTerm):
             with torch.no_grad():
                 f_s = ctx.nets.embed_face(torch.cat(src_crops)[mask])
             f_g = ctx.nets.embed_face(torch.cat(gen_crops)[mask])
-            assert f_s.shape == f_g.shape and f_s.shape[0] == n, f"embed_face returned {tuple(f_g.shape)}"
+            if not (f_s.shape == f_g.shape and f_s.shape[0] == n):
+                raise ValueError(f"embed_face returned {tuple(f_g.shape)}")
             dist = 1 - F.cosine_similarity(f_g, f_s, dim=1)
             value = dist.mean()
             per_pair = y_hat.new_zeros(mask.shape, dtype=dist.dtype).masked_scatter(mask, dist.detach())

@@ -18,8 +18,10 @@ from agingnet.nn.stylegan2 import Generator
 
 def add_age_channel(rgb: Tensor, ages: Tensor) -> Tensor:
     """rgb [B,3,H,W] ⊕ a constant plane holding the normalized target age [B] → [B,4,H,W]."""
-    assert rgb.ndim == 4 and rgb.shape[1] == 3, f"expected [B,3,H,W], got {tuple(rgb.shape)}"
-    assert ages.shape == (rgb.shape[0],), f"ages must be [B], got {tuple(ages.shape)}"
+    if not (rgb.ndim == 4 and rgb.shape[1] == 3):
+        raise ValueError(f"expected [B,3,H,W], got {tuple(rgb.shape)}")
+    if not (ages.shape == (rgb.shape[0],)):
+        raise ValueError(f"ages must be [B], got {tuple(ages.shape)}")
     plane = ages.to(rgb.dtype).view(-1, 1, 1, 1).expand(-1, 1, *rgb.shape[-2:])
     return torch.cat([rgb, plane], dim=1)
 
@@ -50,7 +52,8 @@ class AgingNet(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """W+ codes [B, n_styles, D] for x = rgb ⊕ age plane [B,4,H,W]."""
-        assert x.ndim == 4 and x.shape[1] == 4, f"AgingNet expects [B,4,H,W] (RGB + age), got {tuple(x.shape)}"
+        if not (x.ndim == 4 and x.shape[1] == 4):
+            raise ValueError(f"AgingNet expects [B,4,H,W] (RGB + age), got {tuple(x.shape)}")
         codes = self.encoder(x)
         base = self.latent_avg
         if self.pretrained_encoder is not None:
@@ -83,7 +86,8 @@ def blend_codes(identity_codes: Tensor, aged_codes: Tensor, strength: float, str
     Plain: layers 8–12 take identity + s·(aged − identity), the others the aged code (s = 1 is a plain forward).
     Strict pose: per-layer strength 0 for layers 0–7, 0.3·s for 8–9, s for 10–12, min(s, 0.4) from 13 on.
     """
-    assert identity_codes.shape == aged_codes.shape, "codes must have the same shape"
+    if not (identity_codes.shape == aged_codes.shape):
+        raise ValueError("codes must have the same shape")
     n = aged_codes.shape[1]
     if strict_pose:
         per = [0.0 if i < 8 else 0.3 * strength if i < 10 else strength if i < 13 else min(strength, 0.4)

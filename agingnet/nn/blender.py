@@ -30,8 +30,10 @@ class Blender(nn.Module):
     def forward(self, codes: Tensor, target_age: Tensor) -> Tensor:
         """codes [B, n, D] (global model's W+), target_age [B] normalized → personalized W+ [B, n, D]."""
         b, n, d = codes.shape
-        assert (n, d) == (self.n_styles, self.style_dim), f"codes must be [B,{self.n_styles},{self.style_dim}]"
-        assert target_age.shape == (b,), f"target_age must be [B], got {tuple(target_age.shape)}"
+        if not ((n, d) == (self.n_styles, self.style_dim)):
+            raise ValueError(f"codes must be [B,{self.n_styles},{self.style_dim}]")
+        if not (target_age.shape == (b,)):
+            raise ValueError(f"target_age must be [B], got {tuple(target_age.shape)}")
         g = self.global_mlp(torch.cat([getattr(self, f"bottleneck_{i}")(codes[:, i]) for i in range(n)], dim=1))
         e = self.age_mlp(target_age.view(b, 1).to(codes.dtype))
         ctx = torch.cat([g, e], dim=1)

@@ -40,7 +40,8 @@ class DEX(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits [B, 101] for images [B,3,H,W] in [-1,1] (resized here to input_size)."""
-        assert x.ndim == 4 and x.shape[1] == 3, f"DEX expects [B,3,H,W], got {tuple(x.shape)}"
+        if not (x.ndim == 4 and x.shape[1] == 3):
+            raise ValueError(f"DEX expects [B,3,H,W], got {tuple(x.shape)}")
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         for names in self.conv_names:

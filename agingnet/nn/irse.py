@@ -99,7 +99,8 @@ class IRSEBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.input_size
-        assert x.ndim == 4 and x.shape[1:] == (3, s, s), f"IR-SE expects [B,3,{s},{s}], got {tuple(x.shape)}"
+        if not (x.ndim == 4 and x.shape[1:] == (3, s, s)):
+            raise ValueError(f"IR-SE expects [B,3,{s},{s}], got {tuple(x.shape)}")
         return F.normalize(self.output_layer(self.body(self.input_layer(x))), dim=1)
 
 
@@ -156,9 +157,8 @@ class GradualStyleEncoder(nn.Module):
         self.latlayer2 = nn.Conv2d(widths[1], style_dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        assert x.ndim == 4 and x.shape[1] == self.input_nc, (
-            f"encoder expects [B,{self.input_nc},H,W], got {tuple(x.shape)}"
-        )
+        if not (x.ndim == 4 and x.shape[1] == self.input_nc):
+            raise ValueError(f"encoder expects [B,{self.input_nc},H,W], got {tuple(x.shape)}")
         x = self.input_layer(x)
         feats = {}
         for i, unit in enumerate(self.body):

@@ -253,7 +253,8 @@ class Generator(nn.Module):
 
     def mapping(self, z: Tensor) -> Tensor:
         """z [B, style_dim] → w [B, style_dim]."""
-        assert z.ndim == 2 and z.shape[1] == self.style_dim, f"z must be [B,{self.style_dim}], got {tuple(z.shape)}"
+        if not (z.ndim == 2 and z.shape[1] == self.style_dim):
+            raise ValueError(f"z must be [B,{self.style_dim}], got {tuple(z.shape)}")
         return self.style(z)
 
     @torch.no_grad()
@@ -274,9 +275,8 @@ class Generator(nn.Module):
             w = truncation_latent + truncation * (w - truncation_latent)
         if w.ndim == 2:
             w = w.unsqueeze(1).expand(-1, self.n_latent, -1)
-        assert w.ndim == 3 and w.shape[1:] == (self.n_latent, self.style_dim), (
-            f"W+ codes must be [B,{self.n_latent},{self.style_dim}], got {tuple(w.shape)}"
-        )
+        if not (w.ndim == 3 and w.shape[1:] == (self.n_latent, self.style_dim)):
+            raise ValueError(f"W+ codes must be [B,{self.n_latent},{self.style_dim}], got {tuple(w.shape)}")
         if noise is None:
             noise = (
                 [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
