@@ -231,6 +231,25 @@ def plot_curves(runs: Sequence[Run], path: Path) -> Path:
     return path
 
 
+def comparability_notes(run: Run) -> list[str]:
+    """Why this run's ``val/total`` is not directly comparable with the fork's validation totals: the terms it
+    sums (read from the records' ``val/<pass>/<term>`` keys) and the measurement differences agingnet fixes."""
+    keys = set().union(*(r.keys() for r in run.records)) if run.records else set()
+    terms = sorted({k.split("/")[2] for k in keys if k.startswith(("val/real/", "val/cycle/")) and k.count("/") == 2
+                    and k.split("/")[2] not in ("total",)})
+    notes = []
+    extra = [t for t in ("roi_id", "nn_id", "contrastive_id") if t in terms]
+    if extra:
+        notes.append(f"`val/total` includes {', '.join(extra)} (every configured term is summed); the fork's "
+                     f"validation total had no ROI-ID term, because the fork never switched ROI-ID on in S2/P3")
+    notes.append("identity terms use IR-SE50 at its standard 112 px input; the fork ran it at 56 px with a stride-1 "
+                 "first stage, so `id` and the identity terms read differently for the same images")
+    notes.append("validation decodes with the generator's stored constant noise (deterministic); the fork's "
+                 "validation forward drew random noise (SAM's default), so its totals carry noise of their own")
+    notes.append("compare agingnet runs with each other by value; compare with the fork's numbers by trend only")
+    return notes
+
+
 def render(runs: Sequence[Run], png_name: str = "curves.png", window: int = 3, tol: float = 0.01,
            max_skips: int = 10) -> str:
     """The markdown report."""
@@ -241,6 +260,8 @@ def render(runs: Sequence[Run], png_name: str = "curves.png", window: int = 3, t
         for name, ok, detail in health_checks(run, max_skips) + criteria(run, window, tol):
             md.append(f"| {name} | {'n/a' if ok is None else 'PASS' if ok else 'FAIL'} | {detail} |")
         md += [f"- note: {n}" for n in run.notes]
+        md += ["", "Why `val/total` is not directly comparable with the fork's numbers:", ""]
+        md += [f"- {n}" for n in comparability_notes(run)]
         md += ["", "Best validation snapshots (from checkpoints/timestamp.txt):", ""]
         md += [f"- {s}" for s in best_snapshots(run)] or ["- none"]
         md.append("")

@@ -102,3 +102,21 @@ def test_cli_two_runs_writes_markdown_and_png(tmp_path, capsys):
 def test_missing_files_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="timestamp.txt: missing"):
         report.load_run(tmp_path)
+
+
+def test_report_says_why_val_total_differs_from_the_forks(tmp_path):
+    """The summed terms come from the records: ROI-ID is named only when the run's validation total holds it."""
+    plain = report.load_run(_run(tmp_path, "plain", [0.20, 0.19]))
+    notes = report.comparability_notes(plain)
+    assert not any("roi_id" in n for n in notes)
+    assert any("112 px" in n and "56 px" in n for n in notes) and any("constant noise" in n for n in notes)
+    path = _run(tmp_path, "roi", [0.20, 0.19])
+    recs = [json.loads(x) for x in (path / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        r["val/real/roi_id"] = 0.4
+        r["val/real/roi_id/roi_pairs_eyes"] = 2.0  # a term's statistic, not a term
+    (path / "checkpoints" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    notes = report.comparability_notes(report.load_run(path))
+    assert any(n.startswith("`val/total` includes roi_id ") for n in notes), notes
+    text = report.render([report.load_run(path)])
+    assert "Why `val/total` is not directly comparable with the fork's numbers:" in text
