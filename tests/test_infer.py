@@ -247,3 +247,15 @@ def test_align_skips_images_without_a_face(ckpt, tmp_path):
                        "target_ages": [40], "align": True, "align_backend": "dlib", "progress": False})
     assert s["processed"] == 0
     assert s["skipped"] == [{"file": "wall.png", "reason": "no face found (align=true)"}]
+
+
+def test_input_age_label_reads_the_file_name_and_skips_unlabelled_files(tmp_path):
+    from agingnet.infer import SkipImage, build_age_source
+
+    kind, fn = build_age_source("label", None, False, None, True, torch.device("cpu"))
+    assert kind == "label"
+    x = torch.zeros(3, 3, 8, 8)
+    ages = fn(x, [tmp_path / "37_0.png", tmp_path / "61_face.jpg", tmp_path / "8 beach.png"])
+    assert ages.tolist() == [37.0, 61.0, 8.0]
+    with pytest.raises(SkipImage, match="no input age in the file name"):
+        fn(x[:1], [tmp_path / "portrait.png"])
