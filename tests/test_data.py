@@ -180,21 +180,21 @@ def test_personal_errors(tmp_path: Path, personal: Path):
         PersonalFolderDataset(empty, flip_p=1.5)
 
 
-def test_personal_unreadable_image_fails_at_load(tmp_path: Path):
+def test_personal_unreadable_image_fails_at_setup_or_load(tmp_path: Path):
     root = tmp_path / "bad"
     root.mkdir()
     Image.fromarray(_halves()).save(root / "30_0.png")
-    (root / "30_1.png").write_bytes(b"definitely not a png")
     good = (root / "30_0.png").read_bytes()
-    (root / "31_2.png").write_bytes(good[: len(good) // 2])  # truncated
-    ds = PersonalFolderDataset(root, size=16)  # names are fine: construction succeeds
+    (root / "31_2.png").write_bytes(good[: len(good) // 2])  # truncated: the header reads, the pixels do not
+    ds = PersonalFolderDataset(root, size=16)
     assert ds[0]["image"].shape == (3, 16, 16)
-    with pytest.raises(ValueError, match=r"cannot read image .*30_1\.png"):
-        ds[1]
     with pytest.raises(ValueError, match=r"cannot read image .*31_2\.png"):
+        ds[1]
+    with pytest.raises(IndexError, match="index 2 out of range"):
         ds[2]
-    with pytest.raises(IndexError, match="index 3 out of range"):
-        ds[3]
+    (root / "30_1.png").write_bytes(b"definitely not a png")  # not an image at all: refused when the set is built
+    with pytest.raises(ValueError, match=r"cannot read image .*30_1\.png"):
+        PersonalFolderDataset(root, size=16)
 
 
 def test_personal_fingerprint_tracks_files(personal: Path):

@@ -210,7 +210,11 @@ class PersonalFolderDataset(_FolderDataset):
         super().__init__(root, size, train, flip_p, recursive=False, min_size=min_size)
         self.ages = [float(parse_age(p)) for p in self.paths]
         for p in self.paths:  # one person's few dozen files: a too small one is refused at setup, not mid-run
-            with Image.open(p) as im:
+            try:
+                im = Image.open(p)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise ValueError(f"cannot read image {p}: {e}") from e
+            with im:
                 if min(im.size) < self.min_size:
                     raise ValueError(f"image {p} is {im.width}x{im.height} px, below the minimum face size of "
                                      f"{self.min_size} px")
