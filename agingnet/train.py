@@ -116,7 +116,7 @@ def validate_config(cfg: DictConfig, output_dir: str | os.PathLike | None = None
     _number(cfg, "lr", float, 0.0, lo_open=True)
     _number(cfg, "cycle_lambda", float, 0.0)
     _number(cfg, "val_interval", int, 1)
-    _number(cfg, "val_max_batches", int, 1)
+    _number(cfg, "val_max_batches", int, 0)  # 0: no validation (0 means 0)
     _number(cfg, "image_interval", int, 1)
     _number(cfg, "trainer.max_steps", int, -1)
     _number(cfg, "max_consecutive_skips", int, 0)
