@@ -86,6 +86,8 @@ def user_errors(program: str, extra: tuple[type[BaseException], ...] = ()) -> It
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         else:  # a disk error: the file (when known) and the reason, without "[Errno N]"
             msg = f"{e.filename}: {e.strerror}" if e.filename and str(e.filename) not in str(e.strerror) else e.strerror
+        if getattr(e, "agreed_across_ranks", False) and _rank_suffix():  # DDP: rank 0 says it once
+            sys.exit(1)
         print(f"{program}: error: {msg}", file=sys.stderr)
         sys.exit(1)
     except (InstantiationException, *handled) as e:

@@ -139,6 +139,21 @@ def validate_config(cfg: DictConfig, output_dir: str | os.PathLike | None = None
         raise PermissionError(f"run folder {out}: cannot be written ({e.strerror})") from None
 
 
+def _multi_process(trainer_cfg: DictConfig) -> bool:
+    """Whether this run has (or is one of) several processes: a DDP child, or devices × nodes > 1."""
+    if "LOCAL_RANK" in os.environ:
+        return True
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, str):
+        n = len([d for d in devices.split(",") if d.strip()]) if "," in devices else (
+            int(devices) if devices.strip().lstrip("-").isdigit() else 1)
+    elif isinstance(devices, int):
+        n = devices
+    else:
+        n = len(devices)
+    return n * nodes > 1 or n == -1
+
+
 def check_bank(cfg: DictConfig) -> None:
     """The impostor bank of contrastive ID is read and checked against the identity network at setup, not at
     the first step: layout and finite, L2-normalized rows (:meth:`ImpostorBank.load`) and the embedding size."""
@@ -146,6 +161,8 @@ def check_bank(cfg: DictConfig) -> None:
         return
     from agingnet.miner import ImpostorBank
 
+    if not Path(cfg.miner.bank_path).is_file() and _multi_process(cfg.trainer):
+        return  # DDP: RankSetup gathers which ranks miss the file and says so in one line on every rank
     bank = ImpostorBank.load(cfg.miner.bank_path)
     dim = OmegaConf.select(cfg, "model.frozen.arcface.embed_dim", default=None)
     if dim is not None and bank.dim != int(dim):
