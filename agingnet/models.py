@@ -116,7 +116,7 @@ def build_dex(path: str | None = None, widths: Sequence[int] = (64, 128, 256, 51
         return DEX(widths=tuple(widths), fc_dim=fc_dim, input_size=input_size).eval()
 
 
-def build_lpips(backbone_pretrained: bool = True) -> nn.Module:
+def build_lpips(backbone_pretrained: bool = True, seed: int = 3) -> nn.Module:
     """LPIPS v0.1 on AlexNet (the ``lpips`` package; its linear heads ship with it).
 
     With ``backbone_pretrained`` the AlexNet weights come from the torch hub cache
@@ -126,7 +126,8 @@ def build_lpips(backbone_pretrained: bool = True) -> nn.Module:
 
     import lpips
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")
+        torch.manual_seed(seed)  # a random backbone is the same in every process, whatever ran before
         m = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=not backbone_pretrained, verbose=False)
     return m.eval().requires_grad_(False)

@@ -227,3 +227,13 @@ def test_random_frozen_networks_are_announced_once(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="agingnet.models"):
         _setup(tmp_path)  # the tiny config opts out explicitly
     assert not [r for r in caplog.records if "RANDOM weights" in r.getMessage()]
+
+
+def test_random_lpips_backbone_does_not_depend_on_the_global_rng():
+    """A random LPIPS backbone (tiny configs) is seeded: two processes, or one after other draws, build the same."""
+    from agingnet.models import build_lpips
+
+    a = build_lpips(backbone_pretrained=False)
+    torch.rand(17)
+    b = build_lpips(backbone_pretrained=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
