@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import pool_matrix
 from torch import nn
 
 from agingnet.losses import FrozenNets, LossContext, LossStack, WeightSchedule
@@ -196,15 +197,6 @@ def test_schedule_malformed(spec, match):
 
 
 # ------------------------------------------------------------------------------------------- id crop geometry
-def pool_matrix(n_in, n_out):
-    """Adaptive average pooling as a matrix: output i averages inputs ⌊i·n/m⌋ … ⌈(i+1)·n/m⌉ − 1."""
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
-        m[i, a:b] = 1.0 / (b - a)
-    return m
-
-
 class RecordingEmbed(MeanColourEmbed):
     """Records what the identity network is given."""
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import pool_matrix
 from torch import nn
 
 from agingnet.landmarks import TEMPLATE_68
@@ -189,21 +190,12 @@ def _template_box(rel_idx, size, pad):
     return torch.tensor([cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2])
 
 
-def _pool_matrix(n_in, n_out):
-    """Adaptive average pooling as a matrix: output i averages inputs ⌊i·n/m⌋ … ⌈(i+1)·n/m⌉ − 1."""
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
-        m[i, a:b] = 1.0 / (b - a)
-    return m
-
-
 def _id_path(img):
     """f's input by hand (SPEC §4): pool the [3,S,S] image to 256, crop C = rows 35:223, cols 32:220, pool to 112."""
-    p256 = _pool_matrix(img.shape[-1], 256)
+    p256 = pool_matrix(img.shape[-1], 256)
     x = p256 @ img.double() @ p256.T
     x = x[:, 35:223, 32:220]
-    p112 = _pool_matrix(188, 112)
+    p112 = pool_matrix(188, 112)
     return (p112 @ x @ p112.T).float()
 
 
