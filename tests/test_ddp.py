@@ -20,10 +20,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 42  # conf/train.yaml
+# lr=1e-3 (not Phase-3's 1.5e-5): each step moves the weights far more than a float rounding (see the resume test)
 # model.cache_frozen=false: the synthetic train and val sets share "synthetic://<i>" keys, so the frozen-output
 # cache would hand validation the training images' embeddings (differently on each rank)
 BASE = ["experiment=phase3_oneshot_40", "debug=tiny", "trainer.max_steps=4", "val_interval=2",
-        "image_interval=2", "callbacks.fork_export.every_n_steps=2", "model.cache_frozen=false"]
+        "image_interval=2", "callbacks.fork_export.every_n_steps=2", "model.cache_frozen=false", "lr=1e-3"]
 DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
 PROBE = ["+callbacks.probe._target_=ddp_probe.Probe"]
 pytestmark = pytest.mark.timeout(1800)  # a 2-process job takes minutes on 2 shared cores
@@ -208,13 +209,24 @@ def test_killed_two_process_run_resumes_exactly(ddp_run, tmp_path):
     r = run_train([*BASE, *DDP, *PROBE, f"resume_from={killed / 'checkpoints' / 'last.ckpt'}"], resumed)
     assert r.returncode == 0, r.stderr[-3000:]
     full, res = probes(ddp_run), probes(resumed)
+    ck = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    res0 = {k[len("net."):]: v for k, v in ck["state_dict"].items() if k.startswith("net.")
+            and v.is_floating_point()}  # the weights the resumed run started from (step 2)
     for rank in (0, 1):
         assert [s["step"] for s in res[rank]["seen"]] == [2, 3]
         assert res[rank]["seen"] == full[rank]["seen"][2:]  # same samples, flips and per-rank target ages
+        # Two fresh, identical 2-process gloo runs are not always bit-identical on CPU: 2 of 9 such runs differed
+        # from the others by one float32 rounding (~1 ulp) in a few decoder weights after their first step. So the
+        # resumed weights are compared at a few ulps, far below what the two resumed steps move them by.
         for k, v in full[rank]["params"].items():
-            assert torch.equal(res[rank]["params"][k], v), (rank, k)
+            if v.is_floating_point():
+                torch.testing.assert_close(res[rank]["params"][k], v, rtol=1e-6, atol=1e-9, msg=f"{rank} {k}")
+            else:
+                assert torch.equal(res[rank]["params"][k], v), (rank, k)
         for k, v in full[rank]["ema"]["decoder"].items():
-            assert torch.equal(res[rank]["ema"]["decoder"][k], v), (rank, k)
+            torch.testing.assert_close(res[rank]["ema"]["decoder"][k], v, rtol=1e-6, atol=1e-9, msg=f"{rank} {k}")
+        moved = max((full[rank]["params"][k] - res0[k]).abs().max().item() for k in res0)
+        assert moved > 1e-4  # the resumed steps moved the weights ≫ the tolerance (a wrong resume is seen)
 
 
 @pytest.mark.slow  # one 2-process job up to Lightning's setup
