@@ -13,8 +13,20 @@ age t, with y = the aged output, and averaged over the images:
   the reason) or on the IR-SE50 identity features (``fid_features=arcface``: offline, not comparable to
   published FID).
 
-Writes ``metrics.csv``, ``metrics.json`` (rows, their mean, what was used and skipped) and ``metrics.md`` to
-``output_dir``. The networks are batched over images × ages (one DEX, IR-SE50 and LPIPS call per batch).
+On a world actor's folder (a ``world.json`` beside the images or one level up, written by ``python -m
+agingnet.world actor``) the world knows the answer: each row also gets, against the canonical rendering T_t of
+that identity at the target age (:func:`agingnet.world.render`, ``photo=None``),
+
+* ``gt_l2``    = mean over images of mean_pixels (y − T_t)² on [-1, 1] images (SAM's L2);
+* ``gt_ssim``  = mean over images of SSIM((y+1)/2, (T_t+1)/2) (torchmetrics, Gaussian 11 px, data range 1),
+
+and the world's DEX and identity networks are used unless ``world_nets=false``. ``baseline=<checkpoint>``
+(or ``baseline=world``, the shipped global model) evaluates a second model the same way: every row has a
+``model`` column, ``checkpoint`` or ``baseline``.
+
+Writes ``metrics.csv``, ``metrics.json`` (rows, their mean per model, what was used and skipped) and
+``metrics.md`` to ``output_dir``. The networks are batched over images × ages (one DEX, IR-SE50 and LPIPS
+call per batch).
 """
 
 from __future__ import annotations
@@ -50,12 +62,14 @@ from agingnet.infer import (
 )
 from agingnet.losses.base import FrozenNets
 from agingnet.viz import save_text
+from agingnet.world.truth import truth_images, world_actor
 
 log = logging.getLogger("agingnet.evaluate")
 register_resolvers()
 
-COLUMNS = ("target_age", "n", "age_mae", "age_pred_mean", "age_pred_std", "id_cos", "id_cos_std", "lpips",
-           "fid", "kid_mean", "kid_std")
+COLUMNS = ("model", "target_age", "n", "age_mae", "age_pred_mean", "age_pred_std", "id_cos", "id_cos_std",
+           "lpips", "fid", "kid_mean", "kid_std", "gt_l2", "gt_ssim")
+MEAN_COLUMNS = COLUMNS[3:]  # averaged over the target ages, per model
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 
 
@@ -70,15 +84,21 @@ def _weights_or_random(kind: str, path: str | None, allow_random: bool) -> str |
     raise FileNotFoundError(f"weights.{kind}: no such file: {path} (or allow_random_nets=true for a demo)")
 
 
-def build_frozen(cfg: DictConfig, device: torch.device) -> tuple[FrozenNets, dict[str, str]]:
-    """IR-SE50, DEX and LPIPS from ``weights.*`` (random tiny ones with ``allow_random_nets``)."""
+def build_frozen(cfg: DictConfig, device: torch.device, world: bool = False) -> tuple[FrozenNets, dict[str, str]]:
+    """IR-SE50, DEX and LPIPS from ``weights.*`` (random tiny ones with ``allow_random_nets``), or the world's
+    shipped DEX and identity networks when ``world``."""
     from agingnet.models import build_arcface, build_dex, build_lpips
 
     allow = bool(cfg.get("allow_random_nets", False))
     w = cfg.get("weights") or {}
     rnd = OmegaConf.to_container(cfg.random_nets) if cfg.get("random_nets") else {}
-    arc_path = _weights_or_random("arcface", w.get("arcface"), allow)
-    dex_path = _weights_or_random("dex", w.get("dex"), allow)
+    if world:
+        from agingnet.world.weights import weight_path
+
+        arc_path, dex_path = str(weight_path("arcface")), str(weight_path("dex"))
+    else:
+        arc_path = _weights_or_random("arcface", w.get("arcface"), allow)
+        dex_path = _weights_or_random("dex", w.get("dex"), allow)
     arcface = build_arcface(path=arc_path) if arc_path else build_arcface(**rnd.get("arcface", {}))
     dex = build_dex(path=dex_path) if dex_path else build_dex(**rnd.get("dex", {}))
     lp = cfg.get("lpips_backbone_pretrained", "auto")
@@ -86,17 +106,37 @@ def build_frozen(cfg: DictConfig, device: torch.device) -> tuple[FrozenNets, dic
         hub = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
         if hub.is_file():
             lp = True
-        elif allow:
-            log.warning("%s not in the torch hub cache: LPIPS on a RANDOM AlexNet (allow_random_nets)", hub)
+        elif allow or world:
+            log.warning("%s not in the torch hub cache: LPIPS on a RANDOM AlexNet", hub)
             lp = False
         else:
             raise FileNotFoundError(f"LPIPS needs {hub} ($TORCH_HOME/hub/checkpoints): copy AlexNet's "
                                     f"weights there, or set lpips_backbone_pretrained=false or "
                                     f"allow_random_nets=true")
-    used = {"arcface": arc_path or "random", "dex": dex_path or "random",
+    used = {"arcface": "world" if world else arc_path or "random", "dex": "world" if world else dex_path or "random",
             "lpips": "alex v0.1" + ("" if lp else " (random backbone)")}
     lpips = build_lpips(backbone_pretrained=bool(lp))
     return FrozenNets(arcface=arcface, dex=dex, lpips=lpips).to(device), used
+
+
+def _use_world_nets(cfg: DictConfig, actor: dict[str, Any] | None) -> bool:
+    v = cfg.get("world_nets", "auto")
+    if v == "auto":
+        return actor is not None
+    if not isinstance(v, bool):
+        raise ValueError(f"world_nets must be auto, true or false, got {v!r}")
+    return v
+
+
+def _baseline_path(baseline: Any) -> str | None:
+    """``baseline=`` as a checkpoint path: ``world`` is the shipped global aging model."""
+    if baseline in (None, "", "null"):
+        return None
+    if str(baseline) == "world":
+        from agingnet.world.weights import weight_path
+
+        return str(weight_path("sam"))
+    return str(baseline)
 
 
 class IdentityFeatures(nn.Module):
@@ -141,32 +181,19 @@ def _mean_std(v: Tensor) -> tuple[float, float]:
     return float(v.mean()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
 
 
-def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
-    """Evaluate (module doc): writes the reports; returns {"rows": […], "mean": {…}, "meta": {…}}."""
-    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    for key in ("checkpoint", "data_dir", "output_dir"):
-        if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
-            raise ValueError(f"{key}= is required (python -m agingnet.evaluate checkpoint=… "
-                             f"data=<folder>)")
-    t0 = time.perf_counter()
+def _evaluate_model(cfg: DictConfig, net: nn.Module, label: str, files: list[Path], nets: FrozenNets, dim: int,
+                    truth: Tensor | None, device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (one per target age) of one aging model on ``files``, and what the meta needs from the pass."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
     ages = _age_list(cfg.target_ages)
     bs = int(cfg.get("batch_size", 8))
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {bs}")
     strength, strict = strength_arg(cfg), bool(cfg.get("strict_pose", False))
-    device = select_device(cfg.get("device", "auto"))
-    files = list_inputs(cfg.data_dir, what="data")
-    if cfg.get("max_images"):
-        files = files[: int(cfg.max_images)]
-    net = load_model(cfg.checkpoint, cfg.get("use_ema", "auto"), device)
     in_size = int(getattr(net.encoder, "input_size", 256))
-    nets, used = build_frozen(cfg, device)
-    s_id = nets.id_input_size
-    dim = int(nets.arcface(torch.zeros(1, 3, s_id, s_id, device=device)).shape[-1])
-
     skipped: list[dict[str, str]] = []
     kept: list[Path] = []
-    per_age: dict[str, list[Tensor]] = {k: [] for k in ("pred", "cos", "lpips", "a_in")}
+    keys = ("pred", "cos", "lpips", "a_in") + (("gt_l2", "gt_ssim") if truth is not None else ())
+    per_age: dict[str, list[Tensor]] = {k: [] for k in keys}
     fid_pending: list[tuple[Tensor, Tensor]] = []  # (inputs [B,…], outputs [A,B,…]) in [0,1], for FID/KID
 
     def flush(batch: list[tuple[Path, Tensor]]) -> None:
@@ -180,6 +207,11 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
             fx = nets.embed_face(x)
             cos = (nets.embed_face(flat).view(a, b, -1) * fx.unsqueeze(0)).sum(-1)
             lp = nets.lpips(flat, x.repeat(a, 1, 1, 1)).view(a, b)
+            if truth is not None:  # truth [A,3,S,S]: the same target for every image of the batch
+                t_flat = truth[:, None].expand(-1, b, -1, -1, -1).flatten(0, 1)
+                per_age["gt_l2"].append((flat - t_flat).pow(2).mean(dim=(1, 2, 3)).view(a, b).cpu())
+                per_age["gt_ssim"].append(ssim((flat + 1) / 2, (t_flat + 1) / 2, data_range=1.0,
+                                               reduction="none").view(a, b).cpu())
         per_age["pred"].append(pred.cpu())
         per_age["cos"].append(cos.cpu())
         per_age["lpips"].append(lp.cpu())
@@ -189,24 +221,27 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
         kept.extend(p for p, _ in batch)
 
     min_size = int(cfg.get("min_size", 64))
-    for batch in iter_batches(files, lambda p: to_input(load_face(p, min_size)[0], in_size), bs, skipped, "evaluate",
-                              cfg.get("progress", True)):
+    for batch in iter_batches(files, lambda p: to_input(load_face(p, min_size)[0], in_size), bs, skipped,
+                              f"evaluate {label}", cfg.get("progress", True)):
         flush(batch)
     if not kept:
         raise ValueError(f"data={cfg.data_dir}: no usable image ({len(skipped)} skipped: "
                          f"{'; '.join(s['file'] + ': ' + s['reason'] for s in skipped[:3])})")
 
-    pred, cos, lp = (torch.cat(per_age[k], dim=1) for k in ("pred", "cos", "lpips"))  # [A,N]
+    cat = {k: torch.cat(v, dim=1) for k, v in per_age.items() if k != "a_in"}  # [A,N]
+    pred = cat["pred"]
     target = torch.tensor(ages, dtype=pred.dtype).unsqueeze(1)
     mae = (pred - target).abs().mean(1)
     fid_status = "off (fid=false)"
     rows = []
     for k, t in enumerate(ages):  # one row per target age
         pm, ps = _mean_std(pred[k])
-        cm, cs = _mean_std(cos[k])
-        rows.append({"target_age": t, "n": len(kept), "age_mae": float(mae[k]), "age_pred_mean": pm,
-                     "age_pred_std": ps, "id_cos": cm, "id_cos_std": cs, "lpips": float(lp[k].mean()),
-                     "fid": None, "kid_mean": None, "kid_std": None})
+        cm, cs = _mean_std(cat["cos"][k])
+        rows.append({"model": label, "target_age": t, "n": len(kept), "age_mae": float(mae[k]),
+                     "age_pred_mean": pm, "age_pred_std": ps, "id_cos": cm, "id_cos_std": cs,
+                     "lpips": float(cat["lpips"][k].mean()), "fid": None, "kid_mean": None, "kid_std": None,
+                     "gt_l2": float(cat["gt_l2"][k].mean()) if truth is not None else None,
+                     "gt_ssim": float(cat["gt_ssim"][k].mean()) if truth is not None else None})
         fid, kid, fid_status = make_fid(cfg, nets, len(kept), dim)
         if fid is None:
             continue
@@ -217,15 +252,68 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
             kid.update(yout[k], real=False)
         km, ks = kid.compute()
         rows[-1].update(fid=float(fid.compute()), kid_mean=float(km), kid_std=float(ks))
+    info = {"n_images": len(kept), "skipped": skipped, "fid": fid_status,
+            "input_age_mean": float(torch.cat(per_age["a_in"]).mean()),
+            "used_ema": bool(net.meta.get("used_ema", False)), "in_size": in_size}
+    return rows, info
 
-    mean = {c: (sum(r[c] for r in rows) / len(rows) if all(r[c] is not None for r in rows) else None)
-            for c in COLUMNS if c not in ("target_age", "n")}
-    meta = {"checkpoint": str(cfg.checkpoint), "used_ema": bool(net.meta.get("used_ema", False)),
-            "data": str(cfg.data_dir), "n_images": len(kept), "skipped": skipped, "target_ages": ages,
-            "aging_strength": strength, "strict_pose": strict, "nets": used, "fid": fid_status,
-            "input_age_mean": float(torch.cat(per_age["a_in"]).mean()), "device": str(device),
+
+def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
+    """Evaluate (module doc): writes the reports; returns {"rows": […], "mean": {…}, "meta": {…}}.
+
+    ``mean`` holds the mean over the target ages of the checkpoint's rows; with ``baseline=`` also
+    ``mean_baseline``."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    for key in ("checkpoint", "data_dir", "output_dir"):
+        if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
+            raise ValueError(f"{key}= is required (python -m agingnet.evaluate checkpoint=… "
+                             f"data=<folder>)")
+    t0 = time.perf_counter()
+    ages = _age_list(cfg.target_ages)
+    if int(cfg.get("batch_size", 8)) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.get('batch_size')}")
+    strength, strict = strength_arg(cfg), bool(cfg.get("strict_pose", False))
+    device = select_device(cfg.get("device", "auto"))
+    actor = world_actor(cfg.data_dir)
+    files = list_inputs(cfg.data_dir, what="data")
+    if cfg.get("max_images"):
+        files = files[: int(cfg.max_images)]
+    models = {"checkpoint": str(cfg.checkpoint)}
+    base = _baseline_path(cfg.get("baseline"))
+    if base is not None:
+        models["baseline"] = base
+    loaded = {label: load_model(path, cfg.get("use_ema", "auto"), device) for label, path in models.items()}
+    nets, used = build_frozen(cfg, device, world=_use_world_nets(cfg, actor))
+    s_id = nets.id_input_size
+    dim = int(nets.arcface(torch.zeros(1, 3, s_id, s_id, device=device)).shape[-1])
+
+    rows: list[dict[str, Any]] = []
+    infos: dict[str, dict[str, Any]] = {}
+    truths: dict[int, Tensor] = {}
+    for label, net in loaded.items():
+        size = int(getattr(net.encoder, "input_size", 256))
+        truth = None
+        if actor is not None:
+            if size not in truths:
+                truths[size] = truth_images(int(actor["identity"]), ages, size, device)
+            truth = truths[size]
+        r, infos[label] = _evaluate_model(cfg, net, label, files, nets, dim, truth, device)
+        rows += r
+
+    means = {label: {c: (sum(r[c] for r in rows if r["model"] == label) / len(ages)
+                         if all(r[c] is not None for r in rows if r["model"] == label) else None)
+                     for c in MEAN_COLUMNS} for label in loaded}
+    first = infos["checkpoint"]
+    meta = {"checkpoint": str(cfg.checkpoint), "used_ema": first["used_ema"], "baseline": models.get("baseline"),
+            "data": str(cfg.data_dir), "n_images": first["n_images"], "skipped": first["skipped"],
+            "target_ages": ages, "aging_strength": strength, "strict_pose": strict, "nets": used,
+            "fid": first["fid"], "input_age_mean": first["input_age_mean"], "device": str(device),
+            "world": ({"identity": int(actor["identity"]), "seed": actor.get("seed"),
+                       "renderer_version": actor["renderer_version"]} if actor is not None else None),
             "seconds": round(time.perf_counter() - t0, 3)}
-    result = {"rows": rows, "mean": mean, "meta": meta}
+    result = {"rows": rows, "mean": means["checkpoint"], "meta": meta}
+    if "baseline" in means:
+        result["mean_baseline"] = means["baseline"]
     write_reports(result, Path(cfg.output_dir))
     print(format_markdown(result))
     return result
@@ -244,12 +332,19 @@ def format_markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     body = "".join("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n" for r in result["rows"])
-    mean = "| mean | " + " | ".join(_fmt(result["mean"].get(c)) for c in COLUMNS[1:]) + " |\n"
-    mean = mean.replace("| mean | – |", f"| mean | {m['n_images']} |", 1)
+    mean = ""
+    for label, key in (("checkpoint", "mean"), ("baseline", "mean_baseline")):
+        if key in result:
+            vals = " | ".join(_fmt(result[key].get(c)) for c in MEAN_COLUMNS)
+            mean += f"| {label} | mean | {m['n_images']} | {vals} |\n"
     skipped = "".join(f"- skipped {s['file']}: {s['reason']}\n" for s in m["skipped"])
     return (f"# agingnet evaluation\n\ncheckpoint `{m['checkpoint']}` (used_ema={int(m['used_ema'])}), data "
             f"`{m['data']}`: {m['n_images']} images, aging_strength={m['aging_strength']}, "
-            f"strict_pose={m['strict_pose']}\n\nnetworks: IR-SE50 {m['nets']['arcface']}, "
+            f"strict_pose={m['strict_pose']}"
+            + (f", baseline `{m['baseline']}`" if m.get("baseline") else "")
+            + (f"\n\nworld actor {m['world']['identity']}: gt_l2/gt_ssim against its rendered truth"
+               if m.get("world") else "")
+            + f"\n\nnetworks: IR-SE50 {m['nets']['arcface']}, "
             f"DEX {m['nets']['dex']}, LPIPS {m['nets']['lpips']}; FID/KID {m['fid']}\n\n"
             f"{head}{body}{mean}\n{skipped}")
 
@@ -285,4 +380,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["run_evaluation", "build_frozen", "make_fid", "write_reports", "format_markdown", "COLUMNS",
-           "IdentityFeatures"]
+           "IdentityFeatures", "MEAN_COLUMNS"]

@@ -69,14 +69,15 @@ def test_reports_have_a_row_per_age_and_match_a_hand_computation(setup, tmp_path
     assert [int(r["target_age"]) for r in rows] == [20, 60]
     for r in rows:
         assert int(r["n"]) == 3
-        for c in ev.COLUMNS[2:]:
+        assert r["model"] == "checkpoint" and r["gt_l2"] == r["gt_ssim"] == ""  # no world.json: no truth
+        for c in ev.MEAN_COLUMNS[:-2]:
             assert math.isfinite(float(r[c])), c
     data = json.loads((out / "metrics.json").read_text())
     assert data["rows"] == res["rows"] and data["meta"]["n_images"] == 3
     assert data["meta"]["skipped"][0]["file"] == "readme.png"
     assert data["meta"]["nets"]["arcface"] == "random" and data["meta"]["fid"].startswith("on (arcface")
     md = (out / "metrics.md").read_text()
-    assert "| 20 | 3 |" in md and "| 60 | 3 |" in md and "| mean | 3 |" in md
+    assert "| checkpoint | 20 | 3 |" in md and "| checkpoint | 60 | 3 |" in md and "| checkpoint | mean | 3 |" in md
     # independently: the same random DEX / IR-SE50 networks, the aged images from a plain const-noise forward,
     # then every metric written out per image
     cfg = yaml.safe_load((CONFIG_DIR / "evaluate.yaml").read_text())["random_nets"]
@@ -138,3 +139,79 @@ def test_command_line_data_is_passed_on_as_data_dir(monkeypatch):
     monkeypatch.setattr(ev, "_hydra_main", lambda: seen.setdefault("argv", list(sys.argv)))
     ev.main()
     assert seen["argv"] == ["evaluate", "checkpoint=c.pt", "data_dir=/faces", "fid=true"]
+
+
+def _ssim_reference(x, y):
+    """SSIM written out (Wang et al. 2004): Gaussian window 11 px, σ 1.5, K1 0.01, K2 0.03, data range 1, one
+    window centred on every pixel with the image mirrored at its borders (torchmetrics' convention), local
+    variances floored at 0, averaged over channels and positions. x, y [3,H,W] in [0,1]."""
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+
+    def blur(v):
+        return F.conv2d(F.pad(v[None].double(), (5, 5, 5, 5), mode="reflect"), w, groups=3)[0]
+
+    mx, my = blur(x), blur(y)
+    sxx, syy = (blur(x * x) - mx**2).clamp(min=0), (blur(y * y) - my**2).clamp(min=0)
+    sxy = blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return float((((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))).mean())
+
+
+@pytest.fixture(scope="module")
+def actor(tmp_path_factory, setup):
+    from agingnet.world.data import write_actor
+
+    d = tmp_path_factory.mktemp("world")
+    folder = write_actor(100_007, d / "actor", seed=3, ages=[30, 50], test_ages=[25, 45], n_train=2, n_test=2)
+    kw = yaml.safe_load((CONFIG_DIR / "model" / "tiny.yaml").read_text())["net"]
+    base = build_aging_net(**{**kw, "pretrained_encoder": False, "seed": 5})
+    return Path(folder), export_checkpoint(base, d / "base.pt")
+
+
+def test_world_actor_rows_get_ground_truth_world_nets_and_a_baseline(setup, actor, tmp_path):
+    from agingnet.world import render
+
+    folder, base_ckpt = actor
+    cfg = _cfg(setup, tmp_path / "ev", f"data_dir={folder / 'test'}", f"baseline={base_ckpt}",
+               "target_ages=[40,70]")
+    res = ev.run_evaluation(cfg)
+    assert [(r["model"], r["target_age"]) for r in res["rows"]] == [
+        ("checkpoint", 40), ("checkpoint", 70), ("baseline", 40), ("baseline", 70)]
+    assert res["meta"]["nets"]["dex"] == res["meta"]["nets"]["arcface"] == "world"  # world_nets=auto
+    assert res["meta"]["world"]["identity"] == 100_007 and res["meta"]["baseline"] == str(base_ckpt)
+    files = sorted((folder / "test").glob("*.png"))
+    x = torch.stack([pil_to_tensor(Image.open(f)) for f in files])
+    for label, ckpt in (("checkpoint", setup[0]), ("baseline", base_ckpt)):
+        net = load_aging_model(ckpt).eval()
+        for t in (40, 70):
+            with torch.no_grad():
+                y, _ = net(add_age_channel(x, torch.full((len(files),), t / 100)), noise_mode="const")
+            truth = torch.from_numpy(render(100_007, t, size=256)).permute(2, 0, 1).float() / 127.5 - 1
+            l2 = [float(((y[i] - truth) ** 2).mean()) for i in range(len(files))]
+            ss = [_ssim_reference((y[i] + 1) / 2, (truth + 1) / 2) for i in range(len(files))]
+            row = next(r for r in res["rows"] if r["model"] == label and r["target_age"] == t)
+            assert row["gt_l2"] == pytest.approx(sum(l2) / len(l2), rel=1e-4)
+            assert row["gt_ssim"] == pytest.approx(sum(ss) / len(ss), abs=1e-4)
+    assert res["mean_baseline"]["gt_l2"] == pytest.approx(
+        sum(r["gt_l2"] for r in res["rows"] if r["model"] == "baseline") / 2)
+    assert res["rows"][0]["gt_l2"] != res["rows"][2]["gt_l2"]  # two different models were evaluated
+    md = (tmp_path / "ev" / "metrics.md").read_text()
+    assert "| baseline | mean | 2 |" in md and "world actor 100007" in md
+    header = next(csv.reader(open(tmp_path / "ev" / "metrics.csv")))
+    assert header[0] == "model" and header[-2:] == ["gt_l2", "gt_ssim"]
+
+
+def test_world_bad_input_is_one_clear_error(setup, actor, tmp_path):
+    import shutil
+
+    folder, _ = actor
+    with pytest.raises(FileNotFoundError, match=r"sam\.pt: the world's global aging model is not shipped"):
+        ev.run_evaluation(_cfg(setup, tmp_path / "ev", f"data_dir={folder / 'test'}", "baseline=world"))
+    stale = tmp_path / "stale"
+    shutil.copytree(folder, stale)
+    meta = json.loads((stale / "world.json").read_text())
+    (stale / "world.json").write_text(json.dumps({**meta, "renderer_version": 0}))
+    with pytest.raises(ValueError, match=r"world\.json: renderer version 0 does not match"):
+        ev.run_evaluation(_cfg(setup, tmp_path / "ev2", f"data_dir={stale / 'test'}"))
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "ev2").exists()  # nothing written

@@ -15,13 +15,18 @@ from typing import Any
 WEIGHTS_DIR = Path(__file__).resolve().parent
 FILES = {"dex": "dex.pth", "arcface": "arcface.pth"}
 REBUILD = "python -m agingnet.world pretrain"
+GLOBAL_MODEL = "sam.pt"  # the world's global aging model in SAM layout: planned, not built yet (issue 10)
 
 
 def weight_path(name: str) -> Path:
     """Path of world network ``name`` (``dex`` | ``arcface``); ``FileNotFoundError`` naming the rebuild command."""
-    if name not in FILES:
+    if name == "sam" and not (WEIGHTS_DIR / GLOBAL_MODEL).is_file():
+        raise FileNotFoundError(f"{WEIGHTS_DIR / GLOBAL_MODEL}: the world's global aging model is not shipped with "
+                                f"this agingnet yet ('{REBUILD}' trains only {' and '.join(FILES)}); pass a "
+                                f"checkpoint as baseline=<file> instead")
+    if name not in FILES and name != "sam":
         raise ValueError(f"unknown world network {name!r}; choose one of {', '.join(FILES)}")
-    path = WEIGHTS_DIR / FILES[name]
+    path = WEIGHTS_DIR / FILES.get(name, GLOBAL_MODEL)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing world weights; rebuild them with '{REBUILD}'")
     return path
