@@ -59,7 +59,7 @@ class Plan:
     max_age: int = 85
 
 
-FULL = Plan(n_ids=250, photos=6, n_eval_ids=80, eval_photos=5, dex_epochs=10, id_epochs=5)
+FULL = Plan(n_ids=1000, photos=6, n_eval_ids=80, eval_photos=5, dex_epochs=20, id_epochs=6)
 QUICK = Plan(n_ids=60, photos=4, n_eval_ids=24, eval_photos=4, dex_epochs=6, id_epochs=3)
 
 
