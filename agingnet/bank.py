@@ -185,12 +185,22 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _net_path(value: Path, kind: str) -> Path:
+    """``world`` names the aging world's shipped network of that kind; anything else is a file."""
+    if str(value) == "world":
+        from agingnet.world.weights import weight_path
+
+        return weight_path(kind)
+    return value
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from agingnet.losses.base import FrozenNets
     from agingnet.pretrained import load_arcface, load_dex
 
     device = _resolve_device(args.device)
-    nets = FrozenNets(arcface=load_arcface(args.arcface), dex=load_dex(args.dex)).to(device)
+    nets = FrozenNets(arcface=load_arcface(_net_path(args.arcface, "arcface")),
+                      dex=load_dex(_net_path(args.dex, "dex"))).to(device)
     paths = list_images(args.images)
     if not paths:
         raise ValueError(f"image folder {args.images} holds no images ({', '.join(IMAGE_EXTS)})")
@@ -219,8 +229,8 @@ def make_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="embed a folder of aligned faces into an age-binned impostor bank")
     b.add_argument("--images", required=True, type=Path,
                    help="folder of aligned faces (searched recursively)")
-    b.add_argument("--arcface", required=True, type=Path, help="model_ir_se50.pth")
-    b.add_argument("--dex", required=True, type=Path, help="dex_age_classifier.pth")
+    b.add_argument("--arcface", required=True, type=Path, help="model_ir_se50.pth, or `world`: the aging world's")
+    b.add_argument("--dex", required=True, type=Path, help="dex_age_classifier.pth, or `world`: the aging world's")
     b.add_argument("--out", required=True, type=Path, help="bank file to write (atomically)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

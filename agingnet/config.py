@@ -22,13 +22,23 @@ def _window(fixed_age, jitter, default, sign: int) -> int:
 
 
 def register_resolvers() -> None:
-    """``${window_lo:F,J,default}`` / ``${window_hi:F,J,default}`` / ``${rank_suffix:}`` (idempotent)."""
+    """``${window_lo:F,J,default}`` / ``${window_hi:F,J,default}`` / ``${rank_suffix:}`` /
+    ``${world_weights:dex|arcface}`` (the world network shipped in the package; idempotent)."""
     if not OmegaConf.has_resolver("window_lo"):
         OmegaConf.register_new_resolver("window_lo", lambda f, j, d: _window(f, j, d, -1))
     if not OmegaConf.has_resolver("window_hi"):
         OmegaConf.register_new_resolver("window_hi", lambda f, j, d: _window(f, j, d, +1))
     if not OmegaConf.has_resolver("rank_suffix"):
         OmegaConf.register_new_resolver("rank_suffix", _rank_suffix)
+    if not OmegaConf.has_resolver("world_weights"):
+        OmegaConf.register_new_resolver("world_weights", _world_weights)
+
+
+def _world_weights(name: str) -> str:
+    """Path of a shipped world network; a missing file is a FileNotFoundError naming the rebuild command."""
+    from agingnet.world.weights import weight_path
+
+    return str(weight_path(name))
 
 
 def _rank_suffix() -> str:

@@ -24,6 +24,7 @@ from agingnet.config import CONFIG_DIR, DISK_ERRNOS, register_resolvers, user_er
 from agingnet.distributed import check_devices, check_resume_world_size, is_env_rank_zero
 from agingnet.io import atomic_write_text, remove_stale_temporaries
 from agingnet.module import RunDiverged
+from agingnet.world import run_setup as world_setup
 
 _RUN_ERRORS = (RunDiverged, PermissionError)
 
@@ -120,6 +121,7 @@ def validate_config(cfg: DictConfig, output_dir: str | os.PathLike | None = None
     _number(cfg, "image_interval", int, 1)
     _number(cfg, "trainer.max_steps", int, -1)
     _number(cfg, "max_consecutive_skips", int, 0)
+    world_setup.check_world(cfg)
     out = Path(output_dir if output_dir is not None else cfg.paths.output_dir)
     check_output_dir(cfg, out)
     if cfg.get("resume_from"):
@@ -208,6 +210,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     out = Path(cfg.paths.output_dir)
     if is_env_rank_zero():  # DDP: rank 0 owns the run folder's files
         remove_stale_temporaries(out / "checkpoints")
+    world_setup.prepare_actor(cfg)  # world.actor / world.bank: the aging world's data, written when missing
+    world_setup.prepare_bank(cfg)
     prepare_bank(cfg)
     check_bank(cfg)
     L.seed_everything(cfg.seed, workers=True)

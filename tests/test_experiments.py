@@ -9,6 +9,7 @@ import torch
 
 from agingnet.config import CONFIG_DIR, compose_config
 from agingnet.train import train
+from agingnet.world import weights as world_weights
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -19,8 +20,13 @@ def test_the_experiment_list_is_not_empty():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_under_debug_tiny(tmp_path: Path, experiment: str):
-    cfg = compose_config([f"experiment={experiment}", "debug=tiny"], output_dir=tmp_path / "run")
-    assert all(v is None for v in cfg.model.weights.values()), "an experiment's weight paths survived debug=tiny"
+    # data under the test's folder (world_demo writes its world actor and a small world bank there)
+    cfg = compose_config([f"experiment={experiment}", "debug=tiny", f"paths.data_dir={tmp_path / 'data'}",
+                          "world.bank_population=16"], output_dir=tmp_path / "run")
+    w = cfg.model.weights
+    assert w.sam is None and w.psp is None and w.stylegan2 is None, "an experiment's weight paths survived debug=tiny"
+    # the frozen age and identity networks are the aging world's shipped ones (package data)
+    assert (Path(w.dex), Path(w.arcface)) == (world_weights.weight_path("dex"), world_weights.weight_path("arcface"))
     assert cfg.init_from is None
     result = train(cfg)
     assert result["abs_step"] == cfg.trainer.max_steps

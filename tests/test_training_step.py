@@ -217,8 +217,9 @@ def test_random_frozen_networks_are_announced_once(tmp_path, caplog):
 
     models._WARNED_RANDOM.clear()
     with caplog.at_level("WARNING", logger="agingnet.models"):
-        _setup(tmp_path, "model.frozen.allow_random=false")
-        _setup(tmp_path, "model.frozen.allow_random=false")
+        random = ["model.frozen.allow_random=false", "model.weights.arcface=null", "model.weights.dex=null"]
+        _setup(tmp_path, *random)
+        _setup(tmp_path, *random)
     msgs = [r.getMessage() for r in caplog.records if "RANDOM weights" in r.getMessage()]
     assert len(msgs) == 3, msgs  # arcface, dex and LPIPS's backbone, once each
     assert any("model.weights.arcface" in m for m in msgs) and any("model.weights.dex" in m for m in msgs)

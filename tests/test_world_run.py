@@ -1,0 +1,92 @@
+"""The aging world inside the project's commands: a training run on a world actor (its folders and the world
+impostor bank written when missing, the bank through the real bank CLI), the bank CLI's ``world`` networks, and
+``debug=tiny`` reading ages with the world DEX."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from agingnet.bank import main as bank_main
+from agingnet.config import compose_config
+from agingnet.miner import ImpostorBank
+from agingnet.train import train
+from agingnet.world import run_setup as world_setup
+from agingnet.world.data import write_population
+
+FAST = ["trainer.max_steps=1", "val_max_batches=0", "image_interval=100", "world.bank_population=12",
+        "logger=none", "callbacks.lr_monitor=null"]
+
+
+def test_a_run_on_a_world_actor_writes_its_folders_and_bank_once(tmp_path):
+    data = tmp_path / "data"
+    cfg = compose_config(["experiment=world_demo", f"paths.data_dir={data}", *FAST], output_dir=tmp_path / "r1")
+    train(cfg)
+    actor = data / "world" / "actor_100000_seed0"
+    meta = json.loads((actor / "world.json").read_text())
+    assert meta["identity"] == 100_000 and len(meta["train"]) == 24 and len(meta["test"]) == 8
+    used = (tmp_path / "r1" / "config.yaml").read_text()
+    assert f"root: {actor / 'train'}" in used and f"root: {actor / 'test'}" in used
+    bank_path = data / "world" / "bank_12_seed0.pt"
+    bank = ImpostorBank.load(bank_path)
+    assert len(bank) == 12 and bank.dim == 64  # every population photo (searched recursively), world IR-SE
+    assert bank.meta["source"] == str(data / "world" / "bank_12_seed0_population")
+    stamps = [p.stat().st_mtime_ns for p in (actor / "world.json", bank_path)]
+    again = compose_config(["experiment=world_demo", f"paths.data_dir={data}", *FAST], output_dir=tmp_path / "r2")
+    assert world_setup.prepare_actor(again) == actor and world_setup.prepare_bank(again) == bank_path
+    assert [p.stat().st_mtime_ns for p in (actor / "world.json", bank_path)] == stamps  # reused, not rewritten
+
+
+@pytest.mark.parametrize("override, message", [
+    ("world.actor=5", "world.actor=5: actors are identities >= 100000"),
+    ("world.actor=-3", "world identity must be a non-negative integer, got -3"),
+    ("world.bank_population=1", "world.bank_population must be an integer >= 2, got 1"),
+])
+def test_bad_world_keys_are_refused_before_anything_is_written(tmp_path, override, message):
+    cfg = compose_config(["experiment=world_demo", f"paths.data_dir={tmp_path / 'data'}", *FAST, override],
+                         output_dir=tmp_path / "run")
+    with pytest.raises((ValueError, TypeError), match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_an_actor_folder_of_another_identity_is_refused_naming_its_file(tmp_path):
+    from agingnet.world.data import write_actor
+
+    other = write_actor(100_001, tmp_path / "data" / "world" / "actor_100000_seed0", n_train=2, n_test=2)
+    cfg = compose_config(["experiment=world_demo", f"paths.data_dir={tmp_path / 'data'}", *FAST],
+                         output_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=f"{other / 'world.json'}: holds actor 100001, but world.actor=100000"):
+        train(cfg)
+
+
+def test_bank_cli_world_networks_read_the_population_ages(tmp_path):
+    """``--arcface world --dex world``: the bank's ages are the world DEX's readings of the population photos,
+    which must match the ages the population was rendered at (world DEX held-out MAE ≈ 5 years)."""
+    pop = write_population(40, tmp_path / "pop", seed=4, min_age=20, max_age=70)
+    out = tmp_path / "bank.pt"
+    assert bank_main(["build", "--images", str(pop), "--arcface", "world", "--dex", "world", "--out", str(out),
+                      "--quiet"]) == 0
+    bank = ImpostorBank.load(out)
+    truth = []
+    for split in ("train", "test"):
+        truth += list(json.loads((pop / f"{split}_ages.json").read_text()).values())
+    assert len(bank) == len(truth) == 40 and bank.dim == 64
+    # the bank keeps each member's DEX age; compare the sorted lists (members are stored by age bin)
+    got = torch.sort(bank.ages.float()).values
+    want = torch.sort(torch.tensor(truth, dtype=torch.float32)).values
+    assert (got - want).abs().mean() <= 6.0, (got, want)
+
+
+def test_bank_cli_missing_world_weights_name_the_rebuild_command(tmp_path, monkeypatch, capsys):
+    from agingnet.world import weights as world_weights
+
+    monkeypatch.setattr(world_weights, "WEIGHTS_DIR", tmp_path / "nowhere")
+    pop = write_population(4, tmp_path / "pop")
+    assert bank_main(["build", "--images", str(pop), "--arcface", "world", "--dex", "world",
+                      "--out", str(tmp_path / "b.pt"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing world weights" in err[0] and "python -m agingnet.world pretrain" in err[0]
+    assert not (tmp_path / "b.pt").exists()
