@@ -31,7 +31,8 @@ def test_a_run_on_a_world_actor_writes_its_folders_and_bank_once(tmp_path):
     assert f"root: {actor / 'train'}" in used and f"root: {actor / 'test'}" in used
     bank_path = data / "world" / "bank_12_seed0.pt"
     bank = ImpostorBank.load(bank_path)
-    assert len(bank) == 12 and bank.dim == 64  # every population photo (searched recursively), world IR-SE
+    # every population photo (searched recursively) but those the world DEX reads outside the bank's 18–80 years
+    assert len(bank) + bank.meta["n_out_of_range"] == 12 and len(bank) >= 9 and bank.dim == 64
     assert bank.meta["source"] == str(data / "world" / "bank_12_seed0_population")
     stamps = [p.stat().st_mtime_ns for p in (actor / "world.json", bank_path)]
     again = compose_config(["experiment=world_demo", f"paths.data_dir={data}", *FAST], output_dir=tmp_path / "r2")
@@ -64,7 +65,7 @@ def test_an_actor_folder_of_another_identity_is_refused_naming_its_file(tmp_path
 
 def test_bank_cli_world_networks_read_the_population_ages(tmp_path):
     """``--arcface world --dex world``: the bank's ages are the world DEX's readings of the population photos,
-    which must match the ages the population was rendered at (world DEX held-out MAE ≈ 5 years)."""
+    which must match the ages the population was rendered at (world DEX held-out MAE 2.2 years)."""
     pop = write_population(40, tmp_path / "pop", seed=4, min_age=20, max_age=70)
     out = tmp_path / "bank.pt"
     assert bank_main(["build", "--images", str(pop), "--arcface", "world", "--dex", "world", "--out", str(out),
@@ -77,7 +78,7 @@ def test_bank_cli_world_networks_read_the_population_ages(tmp_path):
     # the bank keeps each member's DEX age; compare the sorted lists (members are stored by age bin)
     got = torch.sort(bank.ages.float()).values
     want = torch.sort(torch.tensor(truth, dtype=torch.float32)).values
-    assert (got - want).abs().mean() <= 6.0, (got, want)
+    assert (got - want).abs().mean() <= 3.0, (got, want)
 
 
 def test_bank_cli_missing_world_weights_name_the_rebuild_command(tmp_path, monkeypatch, capsys):
