@@ -210,23 +210,32 @@ def test_killed_two_process_run_resumes_exactly(ddp_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     full, res = probes(ddp_run), probes(resumed)
     ck = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    res0 = {k[len("net."):]: v for k, v in ck["state_dict"].items() if k.startswith("net.")
-            and v.is_floating_point()}  # the weights the resumed run started from (step 2)
+    start = {k[len("net."):]: v for k, v in ck["state_dict"].items() if k.startswith("net.")
+             and v.is_floating_point()}  # the weights the resumed run started from (step 2)
+    ema_start = next(v for k, v in ck["callbacks"].items() if k.startswith("EMACallback"))["shadow"]["decoder"]
+
+    def relative_error(got: dict, want: dict, origin: dict) -> tuple[float, float]:
+        """(‖got − want‖ / ‖want − origin‖, ‖want − origin‖) over every floating tensor of ``origin``."""
+        err = sum(((got[k] - want[k]).double() ** 2).sum() for k in origin).sqrt()
+        moved = sum(((want[k] - origin[k]).double() ** 2).sum() for k in origin).sqrt()
+        return float(err / moved), float(moved)
+
+    ema_start = {k: v for k, v in ema_start.items() if v.is_floating_point()}
     for rank in (0, 1):
         assert [s["step"] for s in res[rank]["seen"]] == [2, 3]
         assert res[rank]["seen"] == full[rank]["seen"][2:]  # same samples, flips and per-rank target ages
         # Two fresh, identical 2-process gloo runs are not always bit-identical on CPU: 2 of 9 such runs differed
-        # from the others by one float32 rounding (~1 ulp) in a few decoder weights after their first step. So the
-        # resumed weights are compared at a few ulps, far below what the two resumed steps move them by.
+        # from the others by ~1 ulp in some decoder weights after their first step, and the two later steps carry
+        # that on (a CI run measured a relative error of 1.1e-3 below). So the resumed run's update from step 2 to
+        # 4 is compared with the uninterrupted run's as a whole: a wrong resume (a step lost or repeated, another
+        # optimizer or EMA state) is off by O(1) of the update.
+        err, moved = relative_error(res[rank]["params"], full[rank]["params"], start)
+        assert moved > 1e-4 and err < 1e-2, (rank, err, moved)
+        err, moved = relative_error(res[rank]["ema"]["decoder"], full[rank]["ema"]["decoder"], ema_start)
+        assert moved > 0 and err < 1e-2, (rank, err, moved)
         for k, v in full[rank]["params"].items():
-            if v.is_floating_point():
-                torch.testing.assert_close(res[rank]["params"][k], v, rtol=1e-6, atol=1e-9, msg=f"{rank} {k}")
-            else:
+            if not v.is_floating_point():
                 assert torch.equal(res[rank]["params"][k], v), (rank, k)
-        for k, v in full[rank]["ema"]["decoder"].items():
-            torch.testing.assert_close(res[rank]["ema"]["decoder"][k], v, rtol=1e-6, atol=1e-9, msg=f"{rank} {k}")
-        moved = max((full[rank]["params"][k] - res0[k]).abs().max().item() for k in res0)
-        assert moved > 1e-4  # the resumed steps moved the weights ≫ the tolerance (a wrong resume is seen)
 
 
 @pytest.mark.slow  # one 2-process job up to Lightning's setup
