@@ -30,10 +30,19 @@ from agingnet.models import build_arcface, build_dex, build_lpips, load_or_build
 from agingnet.nn.aging_net import add_age_channel
 from agingnet.optim import configure as configure_optimization
 from agingnet.optim import warmup_cosine  # noqa: F401 - the former home of the schedule (old configs)
+from agingnet.world.truth import batch_truth
 
 log = logging.getLogger(__name__)
 
 TRAINABLE = {"s1": ("encoder",), "s2": ("decoder",), "p3": ("decoder",)}
+
+
+def _world(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+    """(world identities, flipped) of a batch of world faces, else None."""
+    if "world_identity" not in batch:
+        return None
+    ids = torch.as_tensor(batch["world_identity"])
+    return ids, torch.as_tensor(batch.get("flipped", torch.zeros_like(ids, dtype=torch.bool)))
 
 
 def _plain(cfg: Any) -> Any:
@@ -178,17 +187,21 @@ class AgingModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def run_passes(self, x: Tensor, input_years: Tensor, target_years: Tensor, no_aging: bool, noise_mode: str,
-                   step: int, keys: list[tuple[str, bool]] | None = None
+                   step: int, keys: list[tuple[str, bool]] | None = None, world: tuple[Tensor, Tensor] | None = None
                    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Real and cycle passes. Returns (weighted total, logged loss = L_real + L_cycle, logs, images).
-        ``keys`` ((path, flipped) per sample) lets the frozen embedding of x come from the cache."""
+        ``keys`` ((path, flipped) per sample) lets the frozen embedding of x come from the cache; ``world``
+        (world identities, flipped) of world faces lets the ground-truth term render the truth."""
         a, t = input_years / 100.0, target_years / 100.0
         x = self._prep(x)
         y_hat, codes = self.net(self._prep(add_age_channel(x, t)), noise_mode=noise_mode)
         common = dict(x=x, y=x, latent_avg=self.net.latent_avg, nets=self.frozen, no_aging=no_aging,
                       stage=self.stage, step=step, train_decoder=self.train_decoder)
+        common["extra"] = {}
+        if world is not None:
+            common["extra"]["truth_fn"] = lambda years, size: batch_truth(world[0], world[1], years, size)
         if keys is not None:
-            common["extra"] = {"source_landmarks_provider": lambda det: self.cached_landmarks(det, keys, x)}
+            common["extra"]["source_landmarks_provider"] = lambda det: self.cached_landmarks(det, keys, x)
             if self.frozen.arcface is not None:
                 common["extra"]["feat_y_provider"] = lambda: self.cached_frozen("id_feat", keys, x,
                                                                                 self.frozen.embed_face)
@@ -218,7 +231,7 @@ class AgingModule(L.LightningModule):
         target_years, no_aging = self.sampler.sample(input_years.detach().cpu(), self._gen)
         target_years = target_years.to(x.device, x.dtype)
         total, loss_logged, logs, images = self.run_passes(x, input_years, target_years, no_aging,
-                                                           self.train_noise, self.abs_step, keys)
+                                                           self.train_noise, self.abs_step, keys, _world(batch))
         self._last_images = images
         bs = x.shape[0]
         self.log("train/loss", loss_logged, prog_bar=True, batch_size=bs)
@@ -344,7 +357,8 @@ class AgingModule(L.LightningModule):
         bs = x.shape[0]
         keys = self._cache_keys(batch)
         input_years = self._input_ages(batch, keys)
-        _, loss_logged, logs, _ = self.run_passes(x, input_years, input_years, True, "const", self.abs_step, keys)
+        _, loss_logged, logs, _ = self.run_passes(x, input_years, input_years, True, "const", self.abs_step, keys,
+                                                  _world(batch))
         total = logs["real/total"] + logs["cycle/total"]
         self.log("val/total", total, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/loss", loss_logged, batch_size=bs, sync_dist=True)

@@ -316,7 +316,9 @@ class SyntheticFaces(_FaceDataset):
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for SyntheticFaces(n={self.n})")
         index %= self.n
-        return self._item(self.render(index), self.ages[index], f"synthetic://{index}", index, flip)
+        item = self._item(self.render(index), self.ages[index], f"synthetic://{index}", index, flip)
+        item["world_identity"] = self.identity(index)  # what the ground-truth term renders at the target age
+        return item
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the generator parameters and the world renderer version."""

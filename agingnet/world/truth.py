@@ -38,4 +38,16 @@ def truth_images(identity: int, ages: list[int], size: int, device: torch.device
     return torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-__all__ = ["truth_images", "world_actor"]
+def batch_truth(identities: Tensor, flipped: Tensor, ages: Tensor, size: int) -> Tensor:
+    """[B,3,S,S] in [-1,1]: person ``identities[b]`` at ``ages[b]`` years (canonical portrait), mirrored where the
+    batch's image was flipped. One PIL drawing per sample: the renderer draws images one by one (no batch form)."""
+    if not (identities.ndim == 1 and flipped.shape == identities.shape and ages.shape == identities.shape):
+        raise ValueError(f"batch_truth: identities, flipped and ages must all be [B], got {tuple(identities.shape)}, "
+                         f"{tuple(flipped.shape)}, {tuple(ages.shape)}")
+    imgs = np.stack([render(int(i), float(a), size=size)
+                     for i, a in zip(identities.tolist(), ages.detach().float().clamp(0, 100).tolist())])
+    out = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return torch.where(flipped.bool().view(-1, 1, 1, 1), out.flip(-1), out).to(ages.device)
+
+
+__all__ = ["batch_truth", "truth_images", "world_actor"]
