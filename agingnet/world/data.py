@@ -32,7 +32,7 @@ from PIL import Image
 from agingnet.io import atomic_write_json
 from agingnet.world.render import ACTOR_BASE, RENDERER_VERSION, check_identity, render
 
-__all__ = ["write_actor", "write_population", "read_world_json", "ACTOR_AGES"]
+__all__ = ["write_actor", "write_population", "find_world_json", "read_world_json", "ACTOR_AGES"]
 
 ACTOR_AGES = (18, 75)
 _SEED_STREAM = 0x57  # keeps the photo-choice stream apart from the renderer's streams
@@ -149,6 +149,12 @@ def write_population(n: int, out: str | os.PathLike, seed: int = 0, min_age: int
     return out
 
 
+def find_world_json(folder: str | os.PathLike) -> Path | None:
+    """``folder/world.json`` or, for ``DIR/test`` and ``DIR/train``, ``DIR/world.json``; None when neither exists."""
+    folder = Path(folder).expanduser()
+    return next((p for p in (folder / "world.json", folder.parent / "world.json") if p.is_file()), None)
+
+
 def read_world_json(folder: str | os.PathLike) -> dict[str, Any]:
     """The ``world.json`` of an actor folder (or of its parent, for ``DIR/test``), checked against its images.
 
@@ -156,7 +162,7 @@ def read_world_json(folder: str | os.PathLike) -> dict[str, Any]:
     renderer version, or lists images the folder does not hold.
     """
     folder = Path(folder).expanduser()
-    path = next((p for p in (folder / "world.json", folder.parent / "world.json") if p.is_file()), None)
+    path = find_world_json(folder)
     if path is None:
         raise FileNotFoundError(f"{folder / 'world.json'}: no such file (not a folder written by "
                                 f"'python -m agingnet.world actor')")

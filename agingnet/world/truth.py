@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from agingnet.world.data import read_world_json
+from agingnet.world.data import find_world_json, read_world_json
 from agingnet.world.render import render
 
 
 def world_actor(data_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The checked ``world.json`` of a world actor's folder (``DIR`` or ``DIR/test``); None for other folders
     (no ``world.json``, or a population's)."""
-    folder = Path(data_dir).expanduser()
-    path = next((p for p in (folder / "world.json", folder.parent / "world.json") if p.is_file()), None)
+    path = find_world_json(data_dir)
     if path is None:
         return None
     try:
@@ -29,13 +27,14 @@ def world_actor(data_dir: str | os.PathLike) -> dict[str, Any] | None:
         raise ValueError(f"{path}: not a valid world.json: {e}") from None
     if kind != "actor":
         return None
-    return read_world_json(folder)
+    return read_world_json(data_dir)
 
 
 def truth_images(identity: int, ages: list[int], size: int, device: torch.device) -> Tensor:
     """[A,3,S,S] in [-1,1]: the canonical portrait (no photo nuisance) of ``identity`` at each age."""
-    imgs = np.stack([render(int(identity), float(t), size=size) for t in ages])
-    return torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    n = len(ages)
+    return batch_truth(torch.full((n,), int(identity)), torch.zeros(n, dtype=torch.bool),
+                       torch.tensor(ages, dtype=torch.float32), size).to(device)
 
 
 def batch_truth(identities: Tensor, flipped: Tensor, ages: Tensor, size: int) -> Tensor:
