@@ -2,7 +2,8 @@
 
 One step: (1) real pass ŷ, codes = net(x ⊕ t); (2) cycle pass y_rec = net(ŷ.detach() ⊕ a) toward the input age;
 loss = L_real + cycle_weight·L_cycle and one optimizer step. Stages: ``s1`` trains the age encoder (decoder
-frozen), ``s2``/``p3`` train the decoder (encoders frozen). Frozen modules stay in eval mode and outside autograd.
+frozen), ``s2``/``p3`` train the decoder (encoders frozen), ``world`` trains all three from scratch in the aging
+world; cycle_weight 0 skips the cycle pass. Frozen modules stay in eval mode and outside autograd.
 
 Validation is deterministic (fixed seed, const noise, training RNG untouched) and reports the fork-comparable
 reconstruction total (no aging, real + cycle, weighted) and aging accuracy (DEX age of outputs at target ages
@@ -34,7 +35,10 @@ from agingnet.world.truth import batch_truth
 
 log = logging.getLogger(__name__)
 
-TRAINABLE = {"s1": ("encoder",), "s2": ("decoder",), "p3": ("decoder",)}
+# world: the aging world's global model from scratch (no pretrained pSp or StyleGAN2 exists there): the age
+# encoder, the pSp encoder and the decoder train together (README "The aging world").
+TRAINABLE = {"s1": ("encoder",), "s2": ("decoder",), "p3": ("decoder",),
+             "world": ("encoder", "pretrained_encoder", "decoder")}
 
 
 def _world(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
@@ -126,7 +130,7 @@ class AgingModule(L.LightningModule):
             m.requires_grad_(True)
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        mods = {n: getattr(self.net, n) for n in TRAINABLE[self.stage]}
+        mods = {n: getattr(self.net, n) for n in TRAINABLE[self.stage] if getattr(self.net, n) is not None}
         if self.net.blender is not None and self.net.use_blender:
             mods["blender"] = self.net.blender
         return mods
@@ -207,6 +211,12 @@ class AgingModule(L.LightningModule):
                                                                                 self.frozen.embed_face)
         ctx = LossContext(y_hat=y_hat, codes=codes, input_ages=a, target_ages=t, pass_name="real", **common)
         l_real, logs = self.loss(ctx)
+        images = {"input": x.detach(), "output": y_hat.detach(), "target_age": target_years.detach(),
+                  "input_age": input_years.detach()}
+        if "output_age_real" in ctx.extra:
+            images["output_age"] = ctx.extra["output_age_real"]
+        if self.cycle_weight == 0:  # λ = 0: the cycle pass would cost a second forward and count for nothing
+            return l_real, l_real.detach(), logs, images
         y_rec, codes_rec = self.net(self._prep(add_age_channel(y_hat.detach(), a)), noise_mode=noise_mode)
         # SAM/the fork score the cycle pass with target = input = a: the weighted ID loss has weight 1 there
         # ("weighted id loss only on forward pass") and adaptive w-norm sees no age gap.
@@ -216,10 +226,7 @@ class AgingModule(L.LightningModule):
                 ctx_c.__dict__[cached] = ctx.__dict__[cached]
         l_cycle, logs_c = self.loss(ctx_c)
         logs.update(logs_c)
-        images = {"input": x.detach(), "output": y_hat.detach(), "cycle": y_rec.detach(),
-                  "target_age": target_years.detach(), "input_age": input_years.detach()}
-        if "output_age_real" in ctx.extra:
-            images["output_age"] = ctx.extra["output_age_real"]
+        images["cycle"] = y_rec.detach()
         return l_real + self.cycle_weight * l_cycle, (l_real + l_cycle).detach(), logs, images
 
     # ---------------------------------------------------------------- training
@@ -359,7 +366,7 @@ class AgingModule(L.LightningModule):
         input_years = self._input_ages(batch, keys)
         _, loss_logged, logs, _ = self.run_passes(x, input_years, input_years, True, "const", self.abs_step, keys,
                                                   _world(batch))
-        total = logs["real/total"] + logs["cycle/total"]
+        total = logs["real/total"] + logs.get("cycle/total", 0.0)  # no cycle pass when λ = 0
         self.log("val/total", total, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/loss", loss_logged, batch_size=bs, sync_dist=True)
         self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=bs, sync_dist=True)

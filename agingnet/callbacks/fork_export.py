@@ -70,8 +70,8 @@ def run_opts(trainer: Any, pl_module: Any, ema: EMACallback | None, exp_dir: str
     sampler = getattr(pl_module, "sampler", None)
     stage = getattr(pl_module, "stage", hp.get("stage"))
     return _plain({
-        "exp_dir": str(exp_dir), "stage": stage, "train_decoder": stage in ("s2", "p3"),
-        "train_encoder": stage == "s1", "learning_rate": opt.get("lr") if isinstance(opt, Mapping) else None,
+        "exp_dir": str(exp_dir), "stage": stage, "train_decoder": stage in ("s2", "p3", "world"),
+        "train_encoder": stage in ("s1", "world"), "learning_rate": opt.get("lr") if isinstance(opt, Mapping) else None,
         "max_steps": getattr(trainer, "max_steps", None), "cycle_lambda": hp.get("cycle_weight"),
         "resume_checkpoint": hp.get("init_from"), "input_age": hp.get("input_age"),
         "target_age_fixed": getattr(sampler, "fixed_age", None), "target_age_jitter": getattr(sampler, "jitter", 0),

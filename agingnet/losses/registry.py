@@ -28,7 +28,7 @@ from agingnet.losses.base import LossContext, LossTerm
 from agingnet.losses.schedule import WeightSchedule
 
 REGISTRY_KEYS = ("weight", "weight_aging", "decoder_scale", "stage_weights", "schedule", "passes")
-STAGES = ("s1", "s2", "p3")
+STAGES = ("s1", "s2", "p3", "world")
 
 
 @dataclass

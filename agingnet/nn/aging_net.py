@@ -57,7 +57,8 @@ class AgingNet(nn.Module):
         codes = self.encoder(x)
         base = self.latent_avg
         if self.pretrained_encoder is not None:
-            with torch.no_grad():
+            trains = any(p.requires_grad for p in self.pretrained_encoder.parameters())  # stage "world" only
+            with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
                 base = self.pretrained_encoder(x[:, :3]) + self.latent_avg
         codes = codes + base
         if self.use_blender:
