@@ -23,7 +23,7 @@ def _window(fixed_age, jitter, default, sign: int) -> int:
 
 def register_resolvers() -> None:
     """``${window_lo:F,J,default}`` / ``${window_hi:F,J,default}`` / ``${rank_suffix:}`` /
-    ``${world_weights:dex|arcface}`` (the world network shipped in the package; idempotent)."""
+    ``${world_weights:dex|arcface|sam}`` (the world network shipped in the package; idempotent)."""
     if not OmegaConf.has_resolver("window_lo"):
         OmegaConf.register_new_resolver("window_lo", lambda f, j, d: _window(f, j, d, -1))
     if not OmegaConf.has_resolver("window_hi"):

@@ -30,7 +30,7 @@ def test_experiment_composes_and_resolves(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], output_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert cfg.model._target_ == "agingnet.module.AgingModule"
-    assert cfg.stage in ("s1", "s2", "p3")
+    assert cfg.stage in ("s1", "s2", "p3", "world")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -38,7 +38,10 @@ def test_experiment_with_debug_tiny_builds_model_and_losses(experiment, tmp_path
     cfg = compose_config([f"experiment={experiment}", "debug=tiny"], output_dir=tmp_path)
     assert cfg.trainer.max_steps <= 10 and cfg.model.net.size == 256 and cfg.init_from is None
     stack = LossStack(OmegaConf.to_container(cfg.loss, resolve=True), stage=cfg.stage)
-    assert "id" in stack and "l2" in stack
+    if cfg.stage == "world":  # the world's global model: the paired ground-truth term alone
+        assert list(stack.terms) == ["gt"]
+    else:
+        assert "id" in stack and "l2" in stack
 
 
 def test_phase3_entry002_carries_every_seed_flag(tmp_path):
@@ -75,16 +78,16 @@ def test_entry001_differs_in_base_and_regions(tmp_path):
 
 
 def test_miner_window_defaults_to_fixed_age_plus_minus_max_2_j(tmp_path):
-    cfg = compose_config(["experiment=demo", "target_age=fixed", "target_age.fixed_age=30",
+    cfg = compose_config(["experiment=tiny_synthetic", "target_age=fixed", "target_age.fixed_age=30",
                           "target_age.jitter=5"], output_dir=tmp_path)
     assert (cfg.miner.apply_min_age, cfg.miner.apply_max_age) == (25, 35)
-    cfg = compose_config(["experiment=demo", "target_age=fixed", "target_age.jitter=1"], output_dir=tmp_path)
+    cfg = compose_config(["experiment=tiny_synthetic", "target_age=fixed", "target_age.jitter=1"], output_dir=tmp_path)
     assert (cfg.miner.apply_min_age, cfg.miner.apply_max_age) == (38, 42)
 
 
 @pytest.mark.parametrize("option", options("miner"))
 def test_every_miner_profile_builds_contrastive_term(option, tmp_path):
-    cfg = compose_config(["experiment=demo", f"miner={option}"], output_dir=tmp_path)
+    cfg = compose_config(["experiment=tiny_synthetic", f"miner={option}"], output_dir=tmp_path)
     term = instantiate({k: v for k, v in OmegaConf.to_container(cfg.loss.contrastive_id, resolve=True).items()
                         if k not in ("weight", "passes")})
     assert term.cfg.k == cfg.miner.k
@@ -103,7 +106,7 @@ def test_every_target_age_option_builds(option, tmp_path):
 
     from agingnet.data.sampler import TargetAgeSampler
 
-    cfg = compose_config(["experiment=demo", f"target_age={option}"], output_dir=tmp_path)
+    cfg = compose_config(["experiment=tiny_synthetic", f"target_age={option}"], output_dir=tmp_path)
     sampler = TargetAgeSampler(**OmegaConf.to_container(cfg.target_age, resolve=True))
     # the bounds each option means (conf/target_age/*.yaml): SAM's U{0…100}, or the seed's lock 40 ± 2
     lo, hi = {"uniform": (0, 100), "fixed": (38, 42)}[option]
@@ -138,7 +141,7 @@ def test_every_trainer_option_instantiates(tmp_path):
     for option in options("trainer"):
         if option == "gpu" and not torch.cuda.is_available():
             continue  # composes above; instantiating needs a GPU
-        cfg = compose_config(["experiment=demo", f"trainer={option}"], output_dir=tmp_path / option)
+        cfg = compose_config(["experiment=tiny_synthetic", f"trainer={option}"], output_dir=tmp_path / option)
         trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
         assert isinstance(trainer, L.Trainer) and trainer.max_steps == cfg.trainer.max_steps
         want = {"cpu": "CPU", "gpu": "CUDA", "auto": "CUDA" if torch.cuda.is_available() else "CPU"}
@@ -157,7 +160,7 @@ def test_every_option_of_simple_groups_instantiates(group, tmp_path):
     from agingnet.train import instantiate_group
 
     for option in options(group):
-        cfg = compose_config(["experiment=demo", f"{group}={option}"], output_dir=tmp_path / option)
+        cfg = compose_config(["experiment=tiny_synthetic", f"{group}={option}"], output_dir=tmp_path / option)
         node = cfg[group] or {}
         wanted = {k: v for k, v in node.items() if v is not None and "_target_" in v}
         built = instantiate_group(node, group)
@@ -226,7 +229,7 @@ def test_every_model_option_builds_the_published_structure(option, tmp_path):
     match the published files' key layouts exactly; tiny keeps their key names with the configured widths."""
     import torch
 
-    cfg = compose_config(["experiment=demo", f"model={option}", *NO_FILES], output_dir=tmp_path)
+    cfg = compose_config(["experiment=tiny_synthetic", f"model={option}", *NO_FILES], output_dir=tmp_path)
     with torch.device("meta"):
         module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
     net, frozen = _shapes(module.net), module.frozen
@@ -262,7 +265,7 @@ def test_every_model_option_builds_its_optimizer(option, tmp_path):
     import pytorch_optimizer
     import torch
 
-    cfg = compose_config(["experiment=demo", f"model={option}"], output_dir=tmp_path)
+    cfg = compose_config(["experiment=tiny_synthetic", f"model={option}"], output_dir=tmp_path)
     p = torch.nn.Parameter(torch.zeros(2))
     opt = instantiate(cfg.model.optimizer, _convert_="all")([p])  # as AgingModule.configure_optimizers does
     assert isinstance(opt, torch.optim.Adam if option == "adam" else pytorch_optimizer.Ranger)
@@ -280,7 +283,7 @@ def test_unknown_key_is_a_clear_error(override, key, tmp_path):
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match=f"'{re.escape(key)}'"):
-        compose_config(["experiment=demo", override], output_dir=tmp_path)
+        compose_config(["experiment=tiny_synthetic", override], output_dir=tmp_path)
 
 
 def test_sweep_and_launcher_configs_exist():

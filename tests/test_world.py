@@ -260,7 +260,7 @@ def test_pretrain_writes_loadable_networks_through_a_real_fit(tmp_path):
     from agingnet.world import pretrain as pt
 
     plan = pt.Plan(n_ids=6, photos=2, n_eval_ids=4, eval_photos=2, dex_epochs=1, id_epochs=1, batch_size=4)
-    man = pt.pretrain(plan, out=tmp_path, command="test")
+    man = pt.pretrain(plan, out=tmp_path, command="test", nets=("dex", "arcface"))
     dex, arc = load_dex(tmp_path / "dex.pth"), load_arcface(tmp_path / "arcface.pth")
     assert dex.input_size == pt.DEX_ARCH["input_size"] and arc.input_size == 112
     assert man["files"]["dex.pth"]["sha256"] == hashlib.sha256((tmp_path / "dex.pth").read_bytes()).hexdigest()
@@ -269,7 +269,8 @@ def test_pretrain_writes_loadable_networks_through_a_real_fit(tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_quick_improves_both_networks(tmp_path):
-    """``pretrain --quick`` (≤ 3 min on 2 cores): held-out age MAE falls and verification rises."""
+    """``pretrain --quick`` (≤ 3 min on 2 cores): held-out age MAE falls, verification rises and the global aging
+    model's ground-truth error on held-out actors falls; its file loads through the real loader."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "agingnet.world", "pretrain", "--quick", "--out", str(tmp_path)],
                    env=env, check=True, capture_output=True, timeout=600)
@@ -277,3 +278,9 @@ def test_pretrain_quick_improves_both_networks(tmp_path):
     assert m["dex.pth"]["metrics"]["heldout_mae"] < m["dex.pth"]["metrics"]["heldout_mae_before"] - 2
     assert m["arcface.pth"]["metrics"]["heldout_verification"] > m["arcface.pth"]["metrics"][
         "heldout_verification_before"]
+    sam = m["sam.pt"]["metrics"]
+    assert sam["gt_l2"] < sam["before"]["gt_l2"]
+    from agingnet.pretrained import load_aging_model
+
+    assert load_aging_model(tmp_path / "sam.pt").decoder.size == 256
+    assert not (tmp_path / ".world_global_run").exists()  # the run's scratch folder is removed

@@ -40,14 +40,18 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-age", type=int, default=80)
     q.add_argument("--size", type=int, default=256)
     q.add_argument("--out", required=True)
-    t = sub.add_parser("pretrain", help="train the world DEX and identity networks (package weights)")
+    t = sub.add_parser("pretrain", help="train the world DEX, identity network and global aging model "
+                                        "(package weights)")
     t.add_argument("--quick", action="store_true", help="a small run (<= 3 min) that shows the metrics improve")
     t.add_argument("--out", default=None, help="weights folder (default: the package's; --quick: "
                                                "outputs/world_quick)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--only", choices=["dex", "arcface"], default=None, help="train one network (the manifest "
-                                                                           "keeps the other's entry)")
+    t.add_argument("--only", choices=["dex", "arcface", "sam"], default=None, help="train one network (the manifest "
+                                                                           "keeps the others' entries)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    t.add_argument("--from-run", default=None, help="ship the global model of this finished "
+                                                    "`python -m agingnet.train experiment=world_global` run folder "
+                                                    "instead of training it (with --only sam)")
     return p
 
 
@@ -68,12 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agingnet.world import pretrain as pt
             from agingnet.world.weights import WEIGHTS_DIR
 
+            if args.from_run and args.only != "sam":
+                raise ValueError("--from-run ships a world_global run: use it with --only sam")
             if args.threads is not None:
                 torch.set_num_threads(args.threads)
             out = args.out or ("outputs/world_quick" if args.quick else WEIGHTS_DIR)
             pt.pretrain(pt.QUICK if args.quick else pt.FULL, out=out, seed=args.seed,
                         command=" ".join(["python -m agingnet.world", *argv]),
-                        nets=(args.only,) if args.only else pt.NETS)
+                        nets=(args.only,) if args.only else pt.NETS, sam_from_run=args.from_run)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"agingnet.world: error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,9 @@
 * IR-SE layout identity network (``weights/arcface.pth``): CosFace on the training identities; measured:
   verification accuracy on held-out identities, pairs ≥ 20 years apart (threshold chosen on one half of the
   held-out identities, accuracy on the other half).
+* SAM layout global aging model (``weights/sam.pt``): ``python -m agingnet.train experiment=world_global``
+  (:mod:`agingnet.world.global_model`); measured on held-out actors: output age MAE with the world DEX at
+  targets 20–70, ground-truth error, identity cosine — before (the run's random initialisation) and after.
 
 Training identities are ``[0, n)``, held-out identities start at :data:`HELD_OUT_BASE` (both < 100000: actors
 are never seen). Every photo is rendered at 256 px and fed exactly as the project feeds the frozen networks:
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -32,9 +36,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.regression import MeanAbsoluteError
 
 from agingnet.io import atomic_torch_save, atomic_write_json
-from agingnet.losses.base import ID_CROP
+from agingnet.losses.base import ID_CROP, FrozenNets
 from agingnet.nn.dex import DEX
 from agingnet.nn.irse import IRSEBackbone
+from agingnet.world.global_model import QUICK_OVERRIDES, measure_global, ship_global, train_global
 from agingnet.world.render import RENDERER_VERSION, render
 from agingnet.world.weights import FILES, WEIGHTS_DIR
 
@@ -57,10 +62,12 @@ class Plan:
     lr: float = 2e-3
     min_age: int = 10
     max_age: int = 85
+    global_overrides: tuple[str, ...] = ()  # of experiment=world_global
 
 
 FULL = Plan(n_ids=1000, photos=6, n_eval_ids=80, eval_photos=5, dex_epochs=20, id_epochs=6)
-QUICK = Plan(n_ids=60, photos=4, n_eval_ids=24, eval_photos=4, dex_epochs=6, id_epochs=3)
+QUICK = Plan(n_ids=60, photos=4, n_eval_ids=24, eval_photos=4, dex_epochs=6, id_epochs=3,
+             global_overrides=QUICK_OVERRIDES)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -238,7 +245,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-NETS = ("dex", "arcface")
+NETS = ("dex", "arcface", "sam")
 
 
 def _train_dex(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor]) -> tuple[nn.Module, dict[str, Any]]:
@@ -267,9 +274,41 @@ def _train_arcface(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor], see
                       "pairs_diff": after["pairs_diff"], "min_age_gap": MIN_GAP, "goal_verification": 0.95}
 
 
+def _train_sam(plan: Plan, out: Path, seed: int, from_run: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """experiment=world_global (or the finished run ``from_run`` of it), measured before/after on held-out actors
+    with the world DEX and identity network in ``out`` (the ones just trained, else the package's). Returns (the
+    shipped file, metrics measured on it)."""
+    from agingnet.config import compose_config
+    from agingnet.models import build_aging_net
+    from agingnet.pretrained import load_aging_model, load_arcface, load_dex
+    from agingnet.world.weights import weight_path
+
+    def world_net(name: str) -> Path:
+        return out / FILES[name] if (out / FILES[name]).is_file() else weight_path(name)
+
+    frozen = FrozenNets(arcface=load_arcface(world_net("arcface")), dex=load_dex(world_net("dex")))
+    net_cfg = compose_config(["experiment=world_global"]).model.net
+    before = measure_global(build_aging_net(**{k: v for k, v in net_cfg.items() if k != "_target_"}), frozen,
+                            seed=seed)  # the run's own random initialisation (build_aging_net is seeded)
+    if from_run is None:
+        last = train_global(seed=seed, overrides=plan.global_overrides, workdir=out / ".world_global_run")
+    else:
+        last = Path(from_run) / "checkpoints" / "phase3_last.pt"
+        if not last.is_file():
+            raise FileNotFoundError(f"{last}: --from-run needs a finished experiment=world_global run folder")
+    shipped = ship_global(load_aging_model(last), out / FILES["sam"], opts={"exp_dir": "world_global"})
+    after = measure_global(load_aging_model(shipped), frozen, seed=seed)  # the file as users get it
+    run = last.parent.parent  # the run folder: config.yaml is written when it starts, the last export when it ends
+    metrics = {**after, "before": {k: before[k] for k in ("age_mae", "gt_l2", "id_cos")}, "goal_age_mae": 5.0,
+               "trained_by": "python -m agingnet.train experiment=world_global",
+               "run_wall_s": round(last.stat().st_mtime - (run / "config.yaml").stat().st_mtime, 1)}
+    return shipped, metrics
+
+
 def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, command: str | None = None,
-             nets: tuple[str, ...] = NETS) -> dict[str, Any]:
+             nets: tuple[str, ...] = NETS, sam_from_run: str | Path | None = None) -> dict[str, Any]:
     """Render, train ``nets``, measure them on held-out identities, write weights + manifest atomically.
+    ``sam_from_run``: ship the global model of a finished ``experiment=world_global`` run instead of training it.
 
     The manifest keeps the entries of networks not trained in this call (same renderer version only).
     """
@@ -282,10 +321,13 @@ def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, co
     rng = np.random.default_rng([seed, 0x1D])
     train_ids = rng.choice(HELD_OUT_BASE, size=plan.n_ids, replace=False)
     eval_ids = HELD_OUT_BASE + np.arange(plan.n_eval_ids)
-    tr = render_set(train_ids, plan.photos, seed, plan.min_age, plan.max_age)
-    ev = render_set(eval_ids, plan.eval_photos, seed + 1, 18, 75)
+    tr = ev = {}
+    if {"dex", "arcface"} & set(nets):  # the global model renders its own faces (experiment=world_global)
+        tr = render_set(train_ids, plan.photos, seed, plan.min_age, plan.max_age)
+        ev = render_set(eval_ids, plan.eval_photos, seed + 1, 18, 75)
+        print(f"rendered {len(tr['age'])} training and {len(ev['age'])} held-out photos in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     render_s = time.perf_counter() - t0
-    print(f"rendered {len(tr['age'])} training and {len(ev['age'])} held-out photos in {render_s:.0f} s", flush=True)
     common = {"command": command or " ".join(["python -m agingnet.world", *sys.argv[1:]]),
               "git_commit": _git_commit(), "plan": asdict(plan), "seed": seed, "threads": torch.get_num_threads(),
               "render_s": round(render_s, 1)}
@@ -295,15 +337,19 @@ def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, co
         t1 = time.perf_counter()
         if name == "dex":
             net, metrics = _train_dex(plan, tr, ev)
-            state: Any = {"state_dict": {k: v.clone() for k, v in net.state_dict().items()}}
+            path = atomic_torch_save({"state_dict": {k: v.clone() for k, v in net.state_dict().items()}},
+                                     out / FILES[name])
             arch: dict[str, Any] = DEX_ARCH
-        else:
+        elif name == "arcface":
             net, metrics = _train_arcface(plan, tr, ev, seed)
-            state, arch = {k: v.clone() for k, v in net.state_dict().items()}, ID_ARCH
-        path = atomic_torch_save(state, out / FILES[name])
+            path = atomic_torch_save({k: v.clone() for k, v in net.state_dict().items()}, out / FILES[name])
+            arch = ID_ARCH
+        else:
+            path, metrics = _train_sam(plan, out, seed, sam_from_run)
+            arch = {"source": "experiment=world_global", "dtype": "float16 (float32 where float16 is not exact)"}
+            shutil.rmtree(out / ".world_global_run", ignore_errors=True)
         entries[FILES[name]] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "arch": arch,
-                                          "metrics": metrics, "train_s": round(time.perf_counter() - t1, 1),
-                                          **common}
+                                "metrics": metrics, "train_s": round(time.perf_counter() - t1, 1), **common}
     manifest: dict[str, Any] = {"renderer_version": RENDERER_VERSION, "files": {}}
     old = out / "manifest.json"  # read last: another network may have been trained meanwhile (--only)
     if old.is_file():

@@ -1,9 +1,10 @@
 """The world networks shipped with agingnet (package data), in the published file layouts.
 
-``dex.pth`` (DEX, ``{"state_dict": …}``) and ``arcface.pth`` (IR-SE state dict) are produced by
-``python -m agingnet.world pretrain``; ``manifest.json`` records each file's sha256, the command and git commit
-that produced it and the numbers measured on held-out identities. They load through the real loaders
-(:func:`agingnet.pretrained.load_dex`, :func:`agingnet.pretrained.load_arcface`).
+``dex.pth`` (DEX, ``{"state_dict": …}``), ``arcface.pth`` (IR-SE state dict) and ``sam.pt`` (the global aging
+model in SAM's layout, float16) are produced by ``python -m agingnet.world pretrain``; ``manifest.json`` records
+each file's sha256, the command and git commit that produced it and the numbers measured on held-out identities.
+They load through the real loaders (:func:`agingnet.pretrained.load_dex`, :func:`agingnet.pretrained.load_arcface`,
+:func:`agingnet.pretrained.load_aging_model`).
 """
 
 from __future__ import annotations
@@ -13,20 +14,16 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
-FILES = {"dex": "dex.pth", "arcface": "arcface.pth"}
+FILES = {"dex": "dex.pth", "arcface": "arcface.pth", "sam": "sam.pt"}
 REBUILD = "python -m agingnet.world pretrain"
-GLOBAL_MODEL = "sam.pt"  # the world's global aging model in SAM layout: planned, not built yet (issue 10)
 
 
 def weight_path(name: str) -> Path:
-    """Path of world network ``name`` (``dex`` | ``arcface``); ``FileNotFoundError`` naming the rebuild command."""
-    if name == "sam" and not (WEIGHTS_DIR / GLOBAL_MODEL).is_file():
-        raise FileNotFoundError(f"{WEIGHTS_DIR / GLOBAL_MODEL}: the world's global aging model is not shipped with "
-                                f"this agingnet yet ('{REBUILD}' trains only {' and '.join(FILES)}); pass a "
-                                f"checkpoint as baseline=<file> instead")
-    if name not in FILES and name != "sam":
+    """Path of world network ``name`` (``dex`` | ``arcface`` | ``sam``); ``FileNotFoundError`` naming the rebuild
+    command."""
+    if name not in FILES:
         raise ValueError(f"unknown world network {name!r}; choose one of {', '.join(FILES)}")
-    path = WEIGHTS_DIR / FILES.get(name, GLOBAL_MODEL)
+    path = WEIGHTS_DIR / FILES[name]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing world weights; rebuild them with '{REBUILD}'")
     return path
