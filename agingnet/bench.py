@@ -3,7 +3,8 @@
 Wall-clock medians (``time.perf_counter``; ``torch.cuda.synchronize`` around each call on a GPU) after
 warm-up:
 
-(a) one training step of the demo configuration (``experiment=demo``: tiny nets, Phase-3 loss stack, B=2):
+(a) one training step of the tiny configuration (``experiment=tiny_synthetic``, the former demo: tiny nets,
+    Phase-3 loss stack, B=2):
     ``module.training_step`` (real + cycle pass, all loss terms) + backward + optimizer step, Trainer-less;
 (b) the StyleGAN2 generator forward at 256 and 1024 px (random weights, B=1, const noise, no grad);
 (c) the full SAM network (``build_aging_net()``: 2 × pSp encoders on IR-SE50, 1024 px decoder pooled to 256)
@@ -79,7 +80,7 @@ def bench_demo_step(repeats: int, warmup: int, dev: torch.device) -> dict[str, A
     from agingnet.train import build_datamodule, prepare_bank
 
     with tempfile.TemporaryDirectory(prefix="agingnet-bench-") as tmp:
-        cfg = compose_config(["experiment=demo"], output_dir=Path(tmp) / "run")
+        cfg = compose_config(["experiment=tiny_synthetic"], output_dir=Path(tmp) / "run")
         prepare_bank(cfg)  # the demo's random impostor bank, written under the temporary run folder
         dm = build_datamodule(cfg)
         batch = next(iter(dm.train_dataloader()))

@@ -20,7 +20,7 @@ def test_the_experiment_list_is_not_empty():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_under_debug_tiny(tmp_path: Path, experiment: str):
-    # data under the test's folder (world_demo writes its world actor and a small world bank there)
+    # data under the test's folder (the demo writes its world actor and a small world bank there)
     cfg = compose_config([f"experiment={experiment}", "debug=tiny", f"paths.data_dir={tmp_path / 'data'}",
                           "world.bank_population=16"], output_dir=tmp_path / "run")
     w = cfg.model.weights

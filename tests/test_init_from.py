@@ -22,7 +22,8 @@ from agingnet.train import train
 BASE_LR, BASE_STEPS, WARMUP, MIN_LR = 1e-3, 2, 2, 1e-6  # conf/model/tiny.yaml: warmup 2; sam.yaml: min_lr 1e-6
 # Small and fast: the SAM loss without its frozen-network terms, a 32 px decoder, no validation, only the
 # callbacks under test (EMA, fork export) and a strong EMA decay so the shadow differs visibly from the weights.
-FAST = ["experiment=demo", "loss=sam", "~loss.id", "~loss.lpips", "~loss.lpips_crop", "~loss.aging", "~loss.roi_id",
+FAST = ["experiment=tiny_synthetic", "loss=sam", "~loss.id", "~loss.lpips", "~loss.lpips_crop", "~loss.aging",
+        "~loss.roi_id",
         "model.net.size=32", "model.net.pretrained_encoder=false", "model.input_age=label", "data.batch_size=1",
         "val_max_batches=0", "logger=none", "callbacks.ema.decay=0.5", *(f"callbacks.{c}=null" for c in (
             "image_logger", "personal_bank", "miner_refresh", "plateau", "model_checkpoint", "run_log",

@@ -31,7 +31,7 @@ from agingnet.train import train
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["experiment=phase3_oneshot_40", "debug=tiny", "callbacks.progress_bar=null", "callbacks.image_logger=null"]
 # the NaN-guard runs: no validation, no exports, the Phase-3 loss stack's cheap half
-GUARD = ["experiment=demo", "loss.roi_id=null", "loss.contrastive_id=null", "loss.nn_id=null",
+GUARD = ["experiment=tiny_synthetic", "loss.roi_id=null", "loss.contrastive_id=null", "loss.nn_id=null",
          "trainer.max_steps=4", "trainer.limit_val_batches=0", "callbacks.progress_bar=null",
          "callbacks.image_logger=null", "callbacks.fork_export=null", "callbacks.model_checkpoint=null",
          "callbacks.last_checkpoint=null", "callbacks.plateau=null", "callbacks.run_log=null", "data.num_workers=0"]

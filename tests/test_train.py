@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_few_steps_writes_checkpoint_and_tensorboard(tmp_path):
     out = tmp_path / "run"
-    cfg = compose_config(["experiment=demo", "trainer.max_steps=4", "val_interval=2"], output_dir=out)
+    cfg = compose_config(["experiment=tiny_synthetic", "trainer.max_steps=4", "val_interval=2"], output_dir=out)
     result = train(cfg)
     assert result["abs_step"] == 4
     assert (out / "checkpoints" / "last.ckpt").is_file()
@@ -46,7 +46,7 @@ def test_demo_few_steps_writes_checkpoint_and_tensorboard(tmp_path):
 def test_frozen_modules_stay_in_eval_and_outside_autograd(tmp_path):
     from hydra.utils import instantiate
 
-    cfg = compose_config(["experiment=demo"], output_dir=tmp_path)
+    cfg = compose_config(["experiment=tiny_synthetic"], output_dir=tmp_path)
     module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
     module.train()
     assert module.net.decoder.training and not module.net.encoder.training
@@ -54,8 +54,8 @@ def test_frozen_modules_stay_in_eval_and_outside_autograd(tmp_path):
     assert all(p.requires_grad for p in module.net.decoder.parameters())
     assert not any(p.requires_grad for p in module.net.encoder.parameters())
     assert not any(p.requires_grad for p in module.frozen.parameters())
-    s1 = instantiate(compose_config(["experiment=demo", "stage=s1"], output_dir=tmp_path).model, loss=cfg.loss,
-                     _recursive_=False)
+    s1 = instantiate(compose_config(["experiment=tiny_synthetic", "stage=s1"], output_dir=tmp_path).model,
+                     loss=cfg.loss, _recursive_=False)
     assert all(p.requires_grad for p in s1.net.encoder.parameters())
     assert not any(p.requires_grad for p in s1.net.decoder.parameters())
 
@@ -65,14 +65,14 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
     (out / "checkpoints").mkdir(parents=True)
     keep = out / "checkpoints" / "best_model.pt"
     keep.write_bytes(b"previous")
-    cfg = compose_config(["experiment=demo", "trainer.max_steps=1"], output_dir=out)
+    cfg = compose_config(["experiment=tiny_synthetic", "trainer.max_steps=1"], output_dir=out)
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         train(cfg)
     assert keep.read_bytes() == b"previous"
 
 
 def test_missing_dataset_folder_is_named(tmp_path):
-    cfg = compose_config(["experiment=demo", "data=personal", f"paths.data_dir={tmp_path / 'nowhere'}",
+    cfg = compose_config(["experiment=tiny_synthetic", "data=personal", f"paths.data_dir={tmp_path / 'nowhere'}",
                           "trainer.max_steps=1"], output_dir=tmp_path / "run")
     with pytest.raises(Exception) as info:  # Hydra wraps what the dataset raised: look at the cause chain
         train(cfg)
@@ -84,7 +84,8 @@ def test_missing_dataset_folder_is_named(tmp_path):
 
 
 def test_missing_init_from_is_named(tmp_path):
-    cfg = compose_config(["experiment=demo", f"init_from={tmp_path / 'base.pt'}"], output_dir=tmp_path / "run")
+    cfg = compose_config(["experiment=tiny_synthetic", f"init_from={tmp_path / 'base.pt'}"],
+                         output_dir=tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="base.pt"):
         train(cfg)
 
@@ -98,10 +99,18 @@ def test_cli_unknown_key_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_demo_full(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "agingnet.train", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    """The demo as a user runs it (the world's global model personalized to actor 100000 at 40 ± 2): it writes the
+    actor and the world bank, and its run passes the two health checks and the seed's five acceptance criteria."""
+    from agingnet.report import criteria, health_checks, load_run
+
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "agingnet.train", f"hydra.run.dir={run}",
+                        f"paths.data_dir={tmp_path / 'data'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "run folder" in r.stdout
+    assert (tmp_path / "data" / "world" / "actor_100000_seed0" / "world.json").is_file()
+    verdicts = health_checks(load_run(run), 10) + criteria(load_run(run))
+    assert [name for name, ok, _ in verdicts if not ok] == [], verdicts
 
 
 def test_channels_last_and_bf16_autocast_run(tmp_path, monkeypatch):
@@ -115,7 +124,7 @@ def test_channels_last_and_bf16_autocast_run(tmp_path, monkeypatch):
         return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(AgingModule, "run_passes", probe)
-    cfg = compose_config(["experiment=demo", "trainer.max_steps=2", "val_interval=2", "channels_last=true",
+    cfg = compose_config(["experiment=tiny_synthetic", "trainer.max_steps=2", "val_interval=2", "channels_last=true",
                           "precision=bf16-mixed", "callbacks.image_logger=null"], output_dir=tmp_path / "run")
     result = train(cfg)
     assert result["abs_step"] == 2 and torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
@@ -129,7 +138,7 @@ def test_channels_last_and_bf16_autocast_run(tmp_path, monkeypatch):
 def test_validation_leaves_training_rng_untouched(tmp_path):
     from hydra.utils import instantiate
 
-    cfg = compose_config(["experiment=demo"], output_dir=tmp_path)
+    cfg = compose_config(["experiment=tiny_synthetic"], output_dir=tmp_path)
     module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
     gens = module.term_generators()
     assert gens, "the demo's ROI and miner terms own generators"
@@ -151,7 +160,7 @@ def test_validation_leaves_training_rng_untouched(tmp_path):
     ("paths.data_dir=/nonexistent/data", "/nonexistent/data/shot_train"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, override, needle):
-    args = [sys.executable, "-m", "agingnet.train", "experiment=demo", "data=personal", override,
+    args = [sys.executable, "-m", "agingnet.train", "experiment=tiny_synthetic", "data=personal", override,
             f"hydra.run.dir={tmp_path / 'run'}"]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=180,
                        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
@@ -165,7 +174,7 @@ def test_target_age_draws_follow_the_run_seed(tmp_path):
     from hydra.utils import instantiate
 
     def draws(seed):
-        cfg = compose_config(["experiment=demo", f"seed={seed}"], output_dir=tmp_path / str(seed))
+        cfg = compose_config(["experiment=tiny_synthetic", f"seed={seed}"], output_dir=tmp_path / str(seed))
         module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
         return [module.sampler.sample(torch.full((4,), 40.0), module._gen)[0].tolist() for _ in range(5)]
 

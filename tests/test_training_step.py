@@ -26,8 +26,9 @@ CYCLE = 1.5
 
 
 def _setup(tmp_path, *overrides):
-    cfg = compose_config(["experiment=demo", "callbacks=none", "logger=none", "stage=s2", f"cycle_lambda={CYCLE}",
-                          "model.train_noise=const", "lr=0", *TERMS, *overrides], output_dir=tmp_path)
+    cfg = compose_config(["experiment=tiny_synthetic", "callbacks=none", "logger=none", "stage=s2",
+                          f"cycle_lambda={CYCLE}", "model.train_noise=const", "lr=0", *TERMS, *overrides],
+                         output_dir=tmp_path)
     module = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
     return cfg, module, build_datamodule(cfg)
 

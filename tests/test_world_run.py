@@ -23,7 +23,7 @@ FAST = ["trainer.max_steps=1", "val_max_batches=0", "image_interval=100", "world
 
 def test_a_run_on_a_world_actor_writes_its_folders_and_bank_once(tmp_path):
     data = tmp_path / "data"
-    cfg = compose_config(["experiment=world_demo", f"paths.data_dir={data}", *FAST], output_dir=tmp_path / "r1")
+    cfg = compose_config(["experiment=demo", f"paths.data_dir={data}", *FAST], output_dir=tmp_path / "r1")
     train(cfg)
     actor = data / "world" / "actor_100000_seed0"
     meta = json.loads((actor / "world.json").read_text())
@@ -36,7 +36,7 @@ def test_a_run_on_a_world_actor_writes_its_folders_and_bank_once(tmp_path):
     assert len(bank) + bank.meta["n_out_of_range"] == 12 and len(bank) >= 9 and bank.dim == 64
     assert bank.meta["source"] == str(data / "world" / "bank_12_seed0_population")
     stamps = [p.stat().st_mtime_ns for p in (actor / "world.json", bank_path)]
-    again = compose_config(["experiment=world_demo", f"paths.data_dir={data}", *FAST], output_dir=tmp_path / "r2")
+    again = compose_config(["experiment=demo", f"paths.data_dir={data}", *FAST], output_dir=tmp_path / "r2")
     assert world_setup.prepare_actor(again) == actor and world_setup.prepare_bank(again) == bank_path
     assert [p.stat().st_mtime_ns for p in (actor / "world.json", bank_path)] == stamps  # reused, not rewritten
 
@@ -47,7 +47,7 @@ def test_a_run_on_a_world_actor_writes_its_folders_and_bank_once(tmp_path):
     ("world.bank_population=1", "world.bank_population must be an integer >= 2, got 1"),
 ])
 def test_bad_world_keys_are_refused_before_anything_is_written(tmp_path, override, message):
-    cfg = compose_config(["experiment=world_demo", f"paths.data_dir={tmp_path / 'data'}", *FAST, override],
+    cfg = compose_config(["experiment=demo", f"paths.data_dir={tmp_path / 'data'}", *FAST, override],
                          output_dir=tmp_path / "run")
     with pytest.raises((ValueError, TypeError), match=message):
         train(cfg)
@@ -58,7 +58,7 @@ def test_an_actor_folder_of_another_identity_is_refused_naming_its_file(tmp_path
     from agingnet.world.data import write_actor
 
     other = write_actor(100_001, tmp_path / "data" / "world" / "actor_100000_seed0", n_train=2, n_test=2)
-    cfg = compose_config(["experiment=world_demo", f"paths.data_dir={tmp_path / 'data'}", *FAST],
+    cfg = compose_config(["experiment=demo", f"paths.data_dir={tmp_path / 'data'}", *FAST],
                          output_dir=tmp_path / "run")
     with pytest.raises(ValueError, match=f"{other / 'world.json'}: holds actor 100001, but world.actor=100000"):
         train(cfg)
@@ -107,7 +107,7 @@ class _Grab(Callback):
                                      if k.startswith("train/") and v.numel() == 1})
 
 
-GT = ["experiment=demo", "callbacks=none", "logger=none", "trainer.max_steps=1", "val_max_batches=0",
+GT = ["experiment=tiny_synthetic", "callbacks=none", "logger=none", "trainer.max_steps=1", "val_max_batches=0",
       "loss.gt.weight=1.0", "loss.nn_id=null", "loss.contrastive_id=null"]
 
 
