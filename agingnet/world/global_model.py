@@ -18,7 +18,6 @@ ignores (:func:`normalize_style_scales`, exact).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from agingnet.io import atomic_torch_save
 from agingnet.losses.base import FrozenNets
 from agingnet.nn.aging_net import AgingNet, add_age_channel
 from agingnet.world.render import ACTOR_BASE, render
+from agingnet.world.truth import batch_truth
 
 HELD_OUT_ACTORS = tuple(range(ACTOR_BASE + 1, ACTOR_BASE + 17))
 TARGETS = (20, 30, 40, 50, 60, 70)
@@ -53,10 +53,10 @@ def measure_global(net: AgingNet, frozen: FrozenNets, actors: Sequence[int] = HE
     in_ages = rng.integers(18, 76, len(actors))
     x = torch.stack([_tensor(render(int(a), float(s), photo=(seed, k))) for k, (a, s) in enumerate(zip(actors,
                                                                                                         in_ages))])
-    ids = np.repeat(np.asarray(actors), len(targets))
+    ids = torch.as_tensor(actors).repeat_interleave(len(targets))
     tgt = torch.tensor(list(targets) * len(actors), dtype=torch.float32)
     xs = x.repeat_interleave(len(targets), 0)
-    truth = torch.stack([_tensor(render(int(a), float(t))) for a, t in zip(ids, tgt.tolist())])
+    truth = batch_truth(ids, torch.zeros_like(ids, dtype=torch.bool), tgt, x.shape[-1])
     was_training = net.training
     net.eval()
     outs = [net(add_age_channel(xs[i:i + batch], tgt[i:i + batch] / 100.0), noise_mode="const")[0]
@@ -76,15 +76,13 @@ def measure_global(net: AgingNet, frozen: FrozenNets, actors: Sequence[int] = HE
             "actors": [int(actors[0]), int(actors[-1])], "targets": [int(t) for t in targets], "per_target": per}
 
 
-def train_global(quick: bool = False, seed: int = 0, overrides: Sequence[str] = (),
-                 workdir: str | Path | None = None) -> Path:
-    """Run ``experiment=world_global`` (``quick``: :data:`QUICK_OVERRIDES`) and return its last SAM-layout export."""
+def train_global(workdir: str | Path, seed: int = 0, overrides: Sequence[str] = ()) -> Path:
+    """Run ``experiment=world_global`` (plus ``overrides``, e.g. :data:`QUICK_OVERRIDES`) in ``workdir/run`` and
+    return its last SAM-layout export."""
     from agingnet.config import compose_config
     from agingnet.train import train
 
-    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="world_global_"))
-    cfg = compose_config(["experiment=world_global", f"seed={seed}", *(QUICK_OVERRIDES if quick else ()),
-                          *overrides], output_dir=work / "run")
+    cfg = compose_config(["experiment=world_global", f"seed={seed}", *overrides], output_dir=Path(workdir) / "run")
     result = train(cfg)
     path = Path(result["output_dir"]) / "checkpoints" / "phase3_last.pt"
     if not path.is_file():
@@ -116,8 +114,9 @@ def normalize_style_scales(net: AgingNet, x: Tensor, ages: Tensor, tol: float = 
     if net.pretrained_encoder is None:
         raise ValueError("normalize_style_scales needs the pSp encoder (start_from_encoded_w_plus)")
     inp = add_age_channel(x, ages / 100.0)
-    before = net.decode(net.encode(inp), noise_mode="const")
-    rms = (net.encode(inp) - net.latent_avg).pow(2).mean((0, 2)).sqrt()
+    codes = net.encode(inp)
+    before = net.decode(codes, noise_mode="const")
+    rms = (codes - net.latent_avg).pow(2).mean((0, 2)).sqrt()
     factors: dict[int, float] = {}
     for i, conv in scale_free_styles(net).items():
         c = float(rms[i])

@@ -291,7 +291,7 @@ def _train_sam(plan: Plan, out: Path, seed: int, from_run: Path | None = None) -
     before = measure_global(build_aging_net(**{k: v for k, v in net_cfg.items() if k != "_target_"}), frozen,
                             seed=seed)  # the run's own random initialisation (build_aging_net is seeded)
     if from_run is None:
-        last = train_global(seed=seed, overrides=plan.global_overrides, workdir=out / ".world_global_run")
+        last = train_global(out / ".world_global_run", seed=seed, overrides=plan.global_overrides)
     else:
         last = Path(from_run) / "checkpoints" / "phase3_last.pt"
         if not last.is_file():
