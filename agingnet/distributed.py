@@ -119,5 +119,32 @@ def any_rank(flag: bool | torch.Tensor, trainer: Any) -> bool:
     return bool(trainer.strategy.reduce(t.to(dev), reduce_op="sum") > 0)
 
 
+def mean_over_ranks(logs: Mapping[str, torch.Tensor | float], trainer: Any) -> dict[str, torch.Tensor]:
+    """The mean over ranks of each logged value, over the ranks that logged it; on one process ``logs`` as is.
+
+    A loss term's stats depend on the batch (the contrastive term logs its miner's stats only when a target
+    age falls in its window, NN-ID its similarity only when a neighbour is in range), so under DDP the ranks
+    may hold different keys. Lightning's ``sync_dist`` reduces key by key and would then pair different keys'
+    collectives (gloo: "collective mismatch", a hang on NCCL). Here the ranks first agree on the union of
+    keys (one ``all_gather_object``) and reduce [Σ value, count] for all of them in one all-reduce. Every rank
+    returns the same dict; log it without ``sync_dist``. Written here because Lightning and torchmetrics both
+    need the key set fixed in advance."""
+    world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    if world <= 1:
+        return {k: torch.as_tensor(v) for k, v in logs.items()}
+    import torch.distributed as dist
+
+    key_lists: list[list[str] | None] = [None] * world
+    dist.all_gather_object(key_lists, sorted(logs))
+    keys = sorted({k for ks in key_lists for k in (ks or [])})
+    dev = getattr(trainer.strategy, "root_device", torch.device("cpu"))
+    acc = torch.zeros(2, len(keys), dtype=torch.float64, device=dev)
+    for i, k in enumerate(keys):
+        if k in logs:
+            acc[0, i], acc[1, i] = float(torch.as_tensor(logs[k]).float().mean()), 1.0
+    dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+    return {k: (acc[0, i] / acc[1, i]).float().cpu() for i, k in enumerate(keys) if acc[1, i] > 0}
+
+
 __all__ = ["any_rank", "check_devices", "check_resume_world_size", "checkpoint_world_size", "env_rank",
-           "gather_rng_states", "is_env_rank_zero", "rank_seed", "zero_loss"]
+           "gather_rng_states", "is_env_rank_zero", "mean_over_ranks", "rank_seed", "zero_loss"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from agingnet.data.sampler import TargetAgeSampler
-from agingnet.distributed import any_rank, gather_rng_states, zero_loss
+from agingnet.distributed import any_rank, gather_rng_states, mean_over_ranks, zero_loss
 from agingnet.frozen_cache import FrozenCache, Keys
 from agingnet.losses.base import FrozenNets, LossContext
 from agingnet.losses.registry import LossStack
@@ -34,6 +35,9 @@ from agingnet.optim import warmup_cosine  # noqa: F401 - the former home of the 
 from agingnet.world.truth import batch_truth
 
 log = logging.getLogger(__name__)
+# The loss terms' validation stats are reduced over ranks by mean_over_ranks before they are logged, so
+# Lightning's advice to add sync_dist=True to them is moot (every rank logs the same value).
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val/(real|cycle)/")
 
 # world: the aging world's global model from scratch (no pretrained pSp or StyleGAN2 exists there): the age
 # encoder, the pSp encoder and the decoder train together (README "The aging world").
@@ -369,7 +373,8 @@ class AgingModule(L.LightningModule):
         total = logs["real/total"] + logs.get("cycle/total", 0.0)  # no cycle pass when λ = 0
         self.log("val/total", total, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/loss", loss_logged, batch_size=bs, sync_dist=True)
-        self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=bs, sync_dist=True)
+        # the terms' stats may differ in keys from rank to rank: reduced here, not by sync_dist (see mean_over_ranks)
+        self.log_dict({f"val/{k}": v for k, v in mean_over_ranks(logs, self._trainer).items()}, batch_size=bs)
         start = getattr(self, "_val_index", 0)
         self._val_index = start + bs
         if int(getattr(self._trainer, "world_size", 1) or 1) > 1:  # DDP: the batch's offset in the 1-process order

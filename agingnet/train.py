@@ -42,6 +42,22 @@ def _missing_roots(data_cfg: DictConfig) -> list[str]:
     return out
 
 
+def debug_world_actor(cfg: DictConfig) -> None:
+    """``debug=tiny`` on an experiment of personal photos (``data=personal``) whose folders are missing: the run
+    trains on the aging world's actor ``debug_world_actor`` instead (``world.actor``, written when missing), so
+    e.g. ``experiment=phase3_oneshot_40 debug=tiny`` personalizes on one person's photos of known ages."""
+    actor = cfg.get("debug_world_actor")
+    world = cfg.get("world") or {}
+    train_node = cfg.data.get("train") or {}
+    if (actor is None or world.get("actor") is not None or not str(train_node.get("_target_", "")).endswith(
+            "PersonalFolderDataset") or not _missing_roots(cfg.data)):
+        return
+    log.warning("data folders %s not found: debug run uses the aging world's actor %s instead",
+                _missing_roots(cfg.data), actor)
+    with open_dict(cfg):
+        cfg.world.actor = actor
+
+
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The configured datamodule; under ``debug=tiny`` missing data folders fall back to synthetic faces."""
     data_cfg = cfg.data
@@ -210,6 +226,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     out = Path(cfg.paths.output_dir)
     if is_env_rank_zero():  # DDP: rank 0 owns the run folder's files
         remove_stale_temporaries(out / "checkpoints")
+    debug_world_actor(cfg)
     world_setup.prepare_actor(cfg)  # world.actor / world.bank: the aging world's data, written when missing
     world_setup.prepare_bank(cfg)
     prepare_bank(cfg)

@@ -120,7 +120,7 @@ def test_weights_and_ema_bit_identical_across_ranks(ddp_run):
 def test_ranks_read_disjoint_shards_of_the_single_process_stream(ddp_run):
     p0, p1 = probes(ddp_run)
     assert [s["step"] for s in p0["seen"]] == [s["step"] for s in p1["seen"]] == [0, 1, 2, 3]
-    perm, flips = epoch_stream(SEED, 0, n=32)  # synthetic train set: 32 faces, 4 steps × B·W=4 < one epoch
+    perm, flips = epoch_stream(SEED, 0, n=24)  # world actor 100000: 24 training photos, 4 steps × B·W=4 < one epoch
     b, w = 2, 2
     for k, (s0, s1) in enumerate(zip(p0["seen"], p1["seen"])):
         lo = k * b * w
@@ -155,12 +155,15 @@ def test_val_total_equals_single_process_validation_of_the_same_samples(ddp_run,
 
     from agingnet.callbacks.personal_bank import embed_personal_set
     from agingnet.config import compose_config
-    from agingnet.train import build_datamodule
+    from agingnet.train import build_datamodule, debug_world_actor
+    from agingnet.world.run_setup import prepare_actor
 
     logged = [json.loads(ln) for ln in (ddp_run / "checkpoints" / "metrics.jsonl").read_text().splitlines()][-1]
     p0, _ = probes(ddp_run)
     cfg = compose_config([*BASE, f"miner.bank_path={ddp_run / 'banks' / 'synthetic_bank.pt'}"],
                          output_dir=tmp_path / "ref")
+    debug_world_actor(cfg)  # the run's data: world actor 100000 (already written by the run)
+    prepare_actor(cfg)
     dm = build_datamodule(cfg)
     model = instantiate(cfg.model, loss=cfg.loss, _recursive_=False)
     model.load_state_dict(p0["val_weights"])  # trained (EMA) and frozen (random tiny) networks of the run
@@ -248,3 +251,44 @@ def test_bank_missing_on_one_rank_is_one_line(ddp_run, tmp_path):
     err = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert err and all("missing on rank(s) [1] of 2" in ln for ln in err), r.stderr[-3000:]
     assert len(err) == 1, err
+
+
+def _mean_over_ranks_worker(rank: int, port: int, out: str) -> None:
+    import types
+
+    import torch.distributed as dist
+
+    from agingnet.distributed import mean_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    trainer = types.SimpleNamespace(world_size=2, strategy=types.SimpleNamespace(root_device=torch.device("cpu")))
+    # rank 0 holds a key rank 1 lacks and the other way round (a term's stats logged only when it applies)
+    logs = ({"total": torch.tensor(1.0), "only0": torch.tensor(5.0)} if rank == 0
+            else {"total": torch.tensor(3.0), "only1": 7.0})
+    got = mean_over_ranks(logs, trainer)
+    dist.barrier()
+    torch.save({k: float(v) for k, v in got.items()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_mean_over_ranks_reduces_the_union_of_keys_over_the_ranks_that_logged_them(tmp_path):
+    """Different keys on the two ranks: every rank gets every key, each the mean over the ranks that logged it
+    (a per-key sync_dist would pair different keys' collectives: gloo's "collective mismatch")."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_mean_over_ranks_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    want = {"total": (1.0 + 3.0) / 2, "only0": 5.0, "only1": 7.0}
+    for r in (0, 1):
+        assert torch.load(tmp_path / f"rank{r}.pt", weights_only=True) == want
+
+
+def test_mean_over_ranks_on_one_process_is_the_identity():
+    from agingnet.distributed import mean_over_ranks
+
+    assert {k: float(v) for k, v in mean_over_ranks({"a": 2.0, "b": torch.tensor(3.0)}, None).items()} == {
+        "a": 2.0, "b": 3.0}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from agingnet import report
@@ -47,6 +48,18 @@ def test_files_and_link(run):
     assert last["global_step"] == 6 and last["opts"]["stage"] == "p3" and last["opts"]["target_age_fixed"] == 40
 
 
+def test_debug_run_trains_on_the_world_actor(run):
+    """The seed's data folders do not exist here, so debug=tiny personalizes on world actor 100000: the run's
+    config points at its folders, which hold the actor's photos and its world.json."""
+    out, _, _ = run
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["world"]["actor"] == 100000
+    train_root = Path(saved["data"]["train"]["root"])
+    assert train_root.parent.name == "actor_100000_seed0" and train_root.name == "train"
+    assert json.loads((train_root.parent / "world.json").read_text())["identity"] == 100000
+    assert len(list(train_root.glob("*.png"))) == 24
+
+
 def test_run_log_lines(run):
     out, _, _ = run
     lines = (out / "checkpoints" / "timestamp.txt").read_text().splitlines()
@@ -61,10 +74,11 @@ def test_run_log_lines(run):
         pairs = dict(kv.split("=") for kv in ln[5:].split())
         assert set(pairs) == {"pairs_eyes", "pairs_mouth"} and all(float(v) > 0 for v in pairs.values())
     # fallback boxes count as pairs too, so pairs > 0 alone proves nothing. Failures count source and generated
-    # images (2 per sample): dlib finds every synthetic source face; the tiny random decoder's outputs are not
-    # faces, so at most the B generated images fall back.
+    # images (2 per sample, B = 2): the tiny random decoder's outputs are not faces, so the B generated images
+    # fall back; dlib finds most of the world actor's photos (a shifted, tinted one now and then it misses), so
+    # failures per step average at least B and below B + 1 (measured: 2.33 over the run's steps).
     fails = [r["roi/landmark_failures"] for r in recs]
-    assert all(0 <= f <= 2 for f in fails), fails
+    assert all(2 <= f < 3 for f in fails), fails
     assert any(ln.startswith("PHASE3: plateau step=") for ln in lines)
     i = next(i for i, ln in enumerate(lines) if ln.startswith("**Best**: Step - 3, Loss - "))
     assert "total" in json.loads(lines[i + 1])
