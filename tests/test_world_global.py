@@ -28,6 +28,7 @@ class _Snapshot(L.Callback):
         self.before = {k: v.detach().clone() for k, v in pl_module.net.named_parameters()}  # BN statistics move
         self.latent_avg = pl_module.net.latent_avg.clone()
         self.frozen = {k: v.detach().clone() for k, v in pl_module.frozen.state_dict().items()}
+        self.terms = set(pl_module.loss.terms)
 
     def on_train_end(self, trainer, pl_module):
         self.after = {k: v.detach().clone() for k, v in pl_module.net.named_parameters()}
@@ -65,6 +66,20 @@ def test_world_stage_with_a_cycle_runs_two_passes(tmp_path, monkeypatch):
                         original(self, x, noise_mode))
     train(compose_config([*FAST, "trainer.max_steps=1", "cycle_lambda=0.5"], output_dir=tmp_path / "run"))
     assert len(calls) == 2
+
+
+def test_second_stage_continues_a_model_with_sams_aging_and_identity_terms(tmp_path):
+    """experiment=world_global_age: the ground-truth term plus SAM's aging and identity terms (the world DEX and
+    identity network), starting from the shipped global model."""
+    snap = _Snapshot()
+    cfg = compose_config(["experiment=world_global_age", *FAST[1:]], output_dir=tmp_path / "run")
+    train(cfg, extra_callbacks=[snap])
+    shipped = torch.load(world_weights.weight_path("sam"), map_location="cpu", weights_only=True)["state_dict"]
+    start = snap.before["decoder.conv1.conv.weight"]
+    torch.testing.assert_close(start, shipped["decoder.conv1.conv.weight"].float())  # it started from the export
+    assert _changed(snap.before, snap.after, "decoder.")
+    assert snap.terms == {"gt", "aging", "id"}
+    assert cfg.loss.aging.weight == 5.0 and cfg.loss.id.weight == 0.1 and cfg.loss.gt.weight == 1.0
 
 
 # ---------------------------------------------------------------- the shipped model
