@@ -39,6 +39,9 @@ def test_eval_mb_roi_agelock_best_plateau_lines():
     assert format_roi_line({"roi_pairs_eyes": 2.0, "roi_pairs_mouth": 1.5, "value": 3.0}) == \
         "roi: pairs_eyes=2 pairs_mouth=1.5"
     assert format_age_lock_line(45.06, (38, 42)) == "AGE-LOCK: output age 45.1 outside [38,42]"
+    # the lock is per image: a mean inside the window names the share of images outside it
+    assert format_age_lock_line(39.33, (38, 42), 0.5) == "AGE-LOCK: output age 39.3 (50% of images) outside [38,42]"
+    assert format_age_lock_line(45.06, (38, 42), 0.0) == "AGE-LOCK: output age 45.1 outside [38,42]"
     head, body = format_best_lines(59000, 0.37341, {"val/total": 0.37341, "val/real/id": 0.1343})
     assert head == "**Best**: Step - 59000, Loss - 0.373"
     assert json.loads(body) == {"real/id": 0.1343, "total": 0.37341}

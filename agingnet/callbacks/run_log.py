@@ -90,9 +90,15 @@ def format_roi_line(stats: Mapping[str, float]) -> str:
     return "roi: " + " ".join(parts)
 
 
-def format_age_lock_line(output_age: float, window: Sequence[int]) -> str:
-    """``AGE-LOCK: output age 45.1 outside [38,42]``."""
-    return f"AGE-LOCK: output age {float(output_age):.1f} outside [{int(window[0])},{int(window[1])}]"
+def format_age_lock_line(output_age: float, window: Sequence[int], in_window: float | None = None) -> str:
+    """``AGE-LOCK: output age 45.1 outside [38,42]``; when the mean is inside the window but some images are not
+    (the lock is per image), the share outside is named: ``AGE-LOCK: output age 39.3 (50% of images) outside
+    [38,42]``."""
+    lo, hi = int(window[0]), int(window[1])
+    share = ""
+    if in_window is not None and lo <= float(output_age) <= hi:
+        share = f" ({100 * (1 - float(in_window)):.0f}% of images)"
+    return f"AGE-LOCK: output age {float(output_age):.1f}{share} outside [{lo},{hi}]"
 
 
 def format_best_lines(step: int, loss: float, metrics: Mapping[str, float]) -> list[str]:
@@ -237,7 +243,7 @@ class RunLogCallback(Callback):
         window = getattr(getattr(pl_module, "sampler", None), "window", None)
         in_win = val.get("val/aging/in_window")
         if window is not None and in_win is not None and in_win < 1.0:
-            self.write_line(format_age_lock_line(val.get("val/aging/output_age", math.nan), window))
+            self.write_line(format_age_lock_line(val.get("val/aging/output_age", math.nan), window, in_win))
         score = val.get(self.monitor)
         is_best = score is not None and math.isfinite(score) and (self.best is None or score < self.best)
         if is_best:  # the same rule as the best exports: diverged weights are never "best"
