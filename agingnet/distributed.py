@@ -138,10 +138,12 @@ def mean_over_ranks(logs: Mapping[str, torch.Tensor | float], trainer: Any) -> d
     dist.all_gather_object(key_lists, sorted(logs))
     keys = sorted({k for ks in key_lists for k in (ks or [])})
     dev = getattr(trainer.strategy, "root_device", torch.device("cpu"))
+    mine = torch.tensor([k in logs for k in keys], device=dev)
+    values = [torch.as_tensor(logs[k], device=dev).double().mean() for k in keys if k in logs]
     acc = torch.zeros(2, len(keys), dtype=torch.float64, device=dev)
-    for i, k in enumerate(keys):
-        if k in logs:
-            acc[0, i], acc[1, i] = float(torch.as_tensor(logs[k]).float().mean()), 1.0
+    if values:  # one device-side scatter: no host sync per key
+        acc[0, mine] = torch.stack(values)
+    acc[1] = mine.double()
     dist.all_reduce(acc, op=dist.ReduceOp.SUM)
     return {k: (acc[0, i] / acc[1, i]).float().cpu() for i, k in enumerate(keys) if acc[1, i] > 0}
 

@@ -47,19 +47,20 @@ def debug_world_actor(cfg: DictConfig) -> None:
     trains on the aging world's actor ``debug_world_actor`` instead (``world.actor``, written when missing), so
     e.g. ``experiment=phase3_oneshot_40 debug=tiny`` personalizes on one person's photos of known ages."""
     actor = cfg.get("debug_world_actor")
-    world = cfg.get("world") or {}
-    train_node = cfg.data.get("train") or {}
-    if (actor is None or world.get("actor") is not None or not str(train_node.get("_target_", "")).endswith(
-            "PersonalFolderDataset") or not _missing_roots(cfg.data)):
+    if actor is None or (cfg.get("world") or {}).get("actor") is not None:
         return
-    log.warning("data folders %s not found: debug run uses the aging world's actor %s instead",
-                _missing_roots(cfg.data), actor)
+    personal = str((cfg.data.get("train") or {}).get("_target_", "")).endswith("PersonalFolderDataset")
+    missing = _missing_roots(cfg.data) if personal else []
+    if not missing:
+        return
+    log.warning("data folders %s not found: debug run uses the aging world's actor %s instead", missing, actor)
     with open_dict(cfg):
         cfg.world.actor = actor
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The configured datamodule; under ``debug=tiny`` missing data folders fall back to synthetic faces."""
+    """The configured datamodule; under ``debug=tiny`` missing data folders fall back to synthetic faces (personal
+    photos have already been replaced by a world actor's, :func:`debug_world_actor`)."""
     data_cfg = cfg.data
     missing = _missing_roots(data_cfg)
     if missing and cfg.get("debug_synthetic_fallback", False):
