@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from agingnet.data.datasets import to_rgb8
 from agingnet.miner import MAX_AGE, MIN_AGE, ImpostorBank, default_meta
+from agingnet.viz import from_uint8
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SIZE = 256
@@ -49,8 +50,7 @@ def load_image(path: str | Path, size: int = SIZE) -> Tensor:
         im = to_rgb8(im)
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+        return from_uint8(np.asarray(im, dtype=np.uint8))
 
 
 def laplacian_variance(images: Tensor) -> Tensor:

@@ -42,10 +42,21 @@ def to_pil(img: Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(img), mode="RGB")
 
 
+def from_uint8(arr: np.ndarray | Tensor) -> Tensor:
+    """[…,H,W,3] uint8 (array or tensor) → […,3,H,W] float32 in [-1,1] with x = v/127.5 − 1 (the inverse of
+    :func:`to_uint8`; the one mapping the data module, the world and the tools share)."""
+    if not torch.is_tensor(arr):
+        arr = np.asarray(arr)  # PIL's arrays are read-only, which torch.from_numpy warns about: copy those
+        arr = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    v = arr
+    if v.dtype != torch.uint8 or v.ndim < 3 or v.shape[-1] != 3:
+        raise ValueError(f"from_uint8 expects [...,H,W,3] uint8, got {tuple(v.shape)} {v.dtype}")
+    return v.movedim(-1, -3).float().div(127.5).sub(1.0).contiguous()
+
+
 def pil_to_tensor(img: Image.Image) -> Tensor:
     """RGB PIL image → [3,H,W] float32 in [-1,1] with x = v/127.5 − 1 (inverse of :func:`to_uint8`)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return from_uint8(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
 def default_font(tile: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

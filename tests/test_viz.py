@@ -17,6 +17,7 @@ from agingnet.viz import (
     BAND_COLOUR,
     age_strip,
     band_height,
+    from_uint8,
     labelled_grid,
     pil_to_tensor,
     resize,
@@ -50,6 +51,26 @@ def test_pil_round_trip_within_one_level():
     assert (back - x).abs().max() <= 0.5 / 127.5 + 1e-6
     with pytest.raises(ValueError, match="one image"):
         to_pil(_rand(2, 3, 4, 4))
+
+
+def test_from_uint8_hand_values_layout_and_errors():
+    """v/127.5 − 1 written out: 0 → −1, 51 → −0.6, 255 → 1; [N,H,W,3] → [N,3,H,W]; numpy (read-only too) or tensor."""
+    v = np.zeros((2, 1, 3, 3), dtype=np.uint8)
+    v[0, 0, :, 0] = [0, 51, 255]
+    v[1, 0, 2, 2] = 102
+    x = from_uint8(v)
+    assert x.shape == (2, 3, 1, 3) and x.dtype == torch.float32
+    assert torch.allclose(x[0, 0, 0], torch.tensor([-1.0, -0.6, 1.0]), atol=1e-6)
+    assert x[1, 2, 0, 2].item() == pytest.approx(102 / 127.5 - 1)
+    assert x[1, 1].eq(-1).all()
+    ro = v.copy()
+    ro.flags.writeable = False  # np.asarray(PIL image) is read-only
+    assert torch.equal(from_uint8(ro), x) and torch.equal(from_uint8(torch.from_numpy(v)), x)
+    assert (to_uint8(x) == v).all()  # the inverse of to_uint8
+    with pytest.raises(ValueError, match=r"expects \[\.\.\.,H,W,3\] uint8, got \(2, 1, 3, 3\) torch.float32"):
+        from_uint8(v.astype(np.float32))
+    with pytest.raises(ValueError, match="from_uint8 expects"):
+        from_uint8(v[..., :2])
 
 
 def test_resize_area_and_bicubic():

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from agingnet import world
+from agingnet.viz import from_uint8
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -95,12 +95,6 @@ def load_rgb(path: str | os.PathLike[str], min_size: int = MIN_FACE_SIZE) -> Ima
     return img
 
 
-def _to_tensor(img: Image.Image | np.ndarray) -> Tensor:
-    """uint8 HxWx3 → float32 [3,H,W] with x = v/127.5 − 1."""
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
 def _check_common(size: int, flip_p: float) -> None:
     if isinstance(size, bool) or int(size) != size or size < 8:
         raise ValueError(f"image size must be an integer >= 8, got {size!r}")
@@ -125,7 +119,7 @@ class _FaceDataset(Dataset):
     def _item(self, img: Image.Image | np.ndarray, age: float, path: str, index: int, flip: bool | None = None) -> dict:
         if isinstance(img, Image.Image) and img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.BILINEAR)
-        x = _to_tensor(img)
+        x = from_uint8(np.asarray(img, dtype=np.uint8))
         if not (x.shape == (3, self.size, self.size)):
             raise ValueError(f"{path}: image tensor {tuple(x.shape)} != (3, {self.size}, {self.size})")
         if flip is None:

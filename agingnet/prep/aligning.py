@@ -82,7 +82,9 @@ def geometry(landmarks: np.ndarray) -> dict:
 def _estimate_age(img) -> int:
     import torch
 
-    x = torch.from_numpy(np.asarray(img.resize((224, 224)), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    from agingnet.viz import from_uint8
+
+    x = from_uint8(np.asarray(img.resize((224, 224)), dtype=np.uint8))[None]
     with torch.no_grad():
         return int(round(float(_DEX.predict_age(x)[0])))
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from agingnet.io import atomic_torch_save
 from agingnet.losses.base import FrozenNets
 from agingnet.nn.aging_net import AgingNet, add_age_channel
+from agingnet.viz import from_uint8
 from agingnet.world.render import ACTOR_BASE, render
 from agingnet.world.truth import batch_truth
 
@@ -41,18 +42,14 @@ QUICK_OVERRIDES = ("trainer.max_steps=40", "data.batch_size=2", "val_interval=20
                    "callbacks.lr_monitor=null")
 
 
-def _tensor(img: np.ndarray) -> Tensor:
-    return torch.from_numpy(img).permute(2, 0, 1).float().div(127.5).sub(1)
-
-
 @torch.no_grad()
 def measure_global(net: AgingNet, frozen: FrozenNets, actors: Sequence[int] = HELD_OUT_ACTORS,
                    targets: Sequence[int] = TARGETS, seed: int = 0, batch: int = 16) -> dict[str, Any]:
     """Age MAE, ground-truth error and identity of ``net`` on held-out actors (see the module docstring)."""
     rng = np.random.default_rng([seed, 0x6A0])
     in_ages = rng.integers(18, 76, len(actors))
-    x = torch.stack([_tensor(render(int(a), float(s), photo=(seed, k))) for k, (a, s) in enumerate(zip(actors,
-                                                                                                        in_ages))])
+    x = from_uint8(np.stack([render(int(a), float(s), photo=(seed, k))
+                             for k, (a, s) in enumerate(zip(actors, in_ages))]))
     ids = torch.as_tensor(actors).repeat_interleave(len(targets))
     tgt = torch.tensor(list(targets) * len(actors), dtype=torch.float32)
     xs = x.repeat_interleave(len(targets), 0)
@@ -138,7 +135,7 @@ def population_sample(n: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
     """``n`` photos of population identities at ages 18–75 (images [n,3,256,256] in [-1, 1], ages [n] years)."""
     rng = np.random.default_rng([seed, 0x5CA1E])
     ids, ages = rng.integers(0, ACTOR_BASE, n), rng.integers(18, 76, n)
-    x = torch.stack([_tensor(render(int(i), float(a), photo=(seed, k))) for k, (i, a) in enumerate(zip(ids, ages))])
+    x = from_uint8(np.stack([render(int(i), float(a), photo=(seed, k)) for k, (i, a) in enumerate(zip(ids, ages))]))
     return x, torch.from_numpy(ages).float()
 
 

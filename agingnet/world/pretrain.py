@@ -39,6 +39,7 @@ from agingnet.io import atomic_torch_save, atomic_write_json
 from agingnet.losses.base import ID_CROP, FrozenNets
 from agingnet.nn.dex import DEX
 from agingnet.nn.irse import IRSEBackbone
+from agingnet.viz import from_uint8
 from agingnet.world.global_model import QUICK_OVERRIDES, measure_global, ship_global, train_global
 from agingnet.world.render import RENDERER_VERSION, render
 from agingnet.world.weights import FILES, WEIGHTS_DIR
@@ -87,7 +88,7 @@ def render_set(identities: np.ndarray, photos: int, seed: int, min_age: int, max
     for s in range(0, len(ids), chunk):
         imgs = np.stack([render(int(i), int(a), photo=(seed, s + k))
                          for k, (i, a) in enumerate(zip(ids[s:s + chunk], ages[s:s + chunk]))])
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        x = from_uint8(imgs)
         d = F.interpolate(x, size=(DEX_ARCH["input_size"],) * 2, mode="bilinear", align_corners=False)
         f = F.adaptive_avg_pool2d(x[:, :, t:b, l_:r], (ID_ARCH["input_size"],) * 2)
         dex_in.append(_to_u8(d))

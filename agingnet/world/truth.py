@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from agingnet.viz import from_uint8
 from agingnet.world.data import find_world_json, read_world_json
 from agingnet.world.render import render
 
@@ -45,7 +46,7 @@ def batch_truth(identities: Tensor, flipped: Tensor, ages: Tensor, size: int) ->
                          f"{tuple(flipped.shape)}, {tuple(ages.shape)}")
     imgs = np.stack([render(int(i), float(a), size=size)
                      for i, a in zip(identities.tolist(), ages.detach().float().clamp(0, 100).tolist())])
-    out = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    out = from_uint8(imgs)
     return torch.where(flipped.bool().view(-1, 1, 1, 1), out.flip(-1), out).to(ages.device)
 
 
