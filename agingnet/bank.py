@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from agingnet.data.datasets import to_rgb8
-from agingnet.miner import MAX_AGE, MIN_AGE, ImpostorBank, default_meta
+from agingnet.impostor_bank import MAX_AGE, MIN_AGE, ImpostorBank, default_meta
 from agingnet.viz import from_uint8
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

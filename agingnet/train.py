@@ -78,7 +78,7 @@ def prepare_bank(cfg: DictConfig) -> None:
     n = int(cfg.miner.get("synthetic_bank", 0) or 0)
     if path.is_file() or n <= 0:
         return
-    from agingnet.miner import ImpostorBank
+    from agingnet.impostor_bank import ImpostorBank
 
     dim = int(cfg.model.frozen.arcface.embed_dim)
     g = torch.Generator().manual_seed(int(cfg.seed))
@@ -178,7 +178,7 @@ def check_bank(cfg: DictConfig) -> None:
     the first step: layout and finite, L2-normalized rows (:meth:`ImpostorBank.load`) and the embedding size."""
     if "contrastive_id" not in cfg.loss or not cfg.loss.contrastive_id or cfg.loss.contrastive_id.weight == 0:
         return
-    from agingnet.miner import ImpostorBank
+    from agingnet.impostor_bank import ImpostorBank
 
     if not Path(cfg.miner.bank_path).is_file() and _multi_process(cfg.trainer):
         return  # DDP: RankSetup gathers which ranks miss the file and says so in one line on every rank

@@ -17,7 +17,7 @@ from torch import nn
 
 import agingnet.pretrained
 from agingnet.bank import build_bank, laplacian_variance, list_images, load_image, main
-from agingnet.miner import ImpostorBank
+from agingnet.impostor_bank import ImpostorBank
 
 # (red, blue, checkerboard) per image: ages 40, 40, 20, 78.4, 90.2 (dropped), 40 (flat → blurry)
 SPECS = [(102, 0, True), (102, 64, True), (51, 128, True), (200, 192, True), (230, 255, True),

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agingnet.impostor_bank import ImpostorBank
 from agingnet.losses.base import LossContext, LossTerm
-from agingnet.miner import ImpostorBank, ImpostorMiner, MinerConfig
+from agingnet.miner import ImpostorMiner, MinerConfig
 
 _AGE_EPS = 1e-3  # years; target planes hold int(t)/100, so 100·t may read 39.999998
 
