@@ -49,17 +49,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from agingnet.config import CONFIG_DIR, register_resolvers, user_errors
-from agingnet.infer import (
-    _age_list,
-    age_batch,
-    iter_batches,
-    list_inputs,
-    load_face,
-    load_model,
-    select_device,
-    strength_arg,
-    to_input,
-)
+from agingnet.face_inputs import iter_batches, list_inputs, load_face, to_input
+from agingnet.infer import _age_list, age_batch, load_model, select_device, strength_arg
 from agingnet.losses.base import FrozenNets
 from agingnet.viz import save_text
 from agingnet.world.truth import truth_images, world_actor
