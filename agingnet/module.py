@@ -8,6 +8,9 @@ world; cycle_weight 0 skips the cycle pass. Frozen modules stay in eval mode and
 Validation is deterministic (fixed seed, const noise, training RNG untouched) and reports the fork-comparable
 reconstruction total (no aging, real + cycle, weighted) and aging accuracy (DEX age of outputs at target ages
 inside the window).
+
+Two sets of hooks live in mixins of their own: the NaN guard (:mod:`agingnet.step_guard`) and the state an exact
+resume needs beyond Lightning's checkpoint (:mod:`agingnet.run_state`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from agingnet.data.sampler import TargetAgeSampler
-from agingnet.distributed import any_rank, gather_rng_states, mean_over_ranks, zero_loss
+from agingnet.distributed import any_rank, mean_over_ranks, zero_loss
 from agingnet.frozen_cache import FrozenCache, Keys
 from agingnet.losses.base import FrozenNets, LossContext
 from agingnet.losses.registry import LossStack
@@ -32,6 +35,8 @@ from agingnet.models import build_arcface, build_dex, build_lpips, load_or_build
 from agingnet.nn.aging_net import add_age_channel
 from agingnet.optim import configure as configure_optimization
 from agingnet.optim import warmup_cosine  # noqa: F401 - the former home of the schedule (old configs)
+from agingnet.run_state import ExactResume
+from agingnet.step_guard import NanGuard, RunDiverged
 from agingnet.world.truth import batch_truth
 
 log = logging.getLogger(__name__)
@@ -57,15 +62,7 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-class RunDiverged(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient (``max_consecutive_skips``)."""
-
-
-class _SkipStep(Exception):
-    """Raised inside ``optimizer.step``'s closure to abort a step before the optimizer touches its state."""
-
-
-class AgingModule(L.LightningModule):
+class AgingModule(NanGuard, ExactResume, L.LightningModule):
     """Args (all plain values or configs, so the module is built by ``hydra.utils.instantiate``):
 
     net: architecture of the aging network (used when no weights are given). frozen: ``arcface``/``dex``/
@@ -262,56 +259,6 @@ class AgingModule(L.LightningModule):
             return None
         return total
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """NaN guard: a non-finite loss (flagged by ``training_step``) or gradient norm skips the step.
-
-        Lightning calls this inside ``optimizer.step(closure)``, after the closure and before the update; raising
-        :class:`_SkipStep` here leaves the optimizer untouched: torch/pytorch-optimizer optimizers count their
-        step (``group['step']``, ``state['step']``) only after the closure returns, and Lightning has no switch for
-        this. :meth:`optimizer_step` catches it; :meth:`lr_scheduler_step` then leaves the LR schedule alone and the
-        EMA callback skips its update (``last_step_skipped``). Under 16-mixed the GradScaler skips non-finite
-        steps itself, so the guard only counts them there."""
-        self.last_step_skipped = False
-        if not self.hparams.nan_guard:
-            return
-        bad = self._skip_pending
-        self._skip_pending = False
-        if not bad:
-            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            bad = bool(grads) and not bool(torch.isfinite(torch.stack([g.norm() for g in grads]).sum()))
-        if not bad:
-            self.consecutive_skips = 0
-            return
-        optimizer.zero_grad(set_to_none=True)
-        self.nan_skips += 1
-        self.consecutive_skips += 1
-        self.last_step_skipped = True
-        self.log("train/nan_skips", float(self.nan_skips))
-        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far, %d in a row)",
-                    self.abs_step, self.nan_skips, self.consecutive_skips)
-        limit = int(self.hparams.get("max_consecutive_skips") or 0)
-        if limit and self.consecutive_skips >= limit:
-            raise RunDiverged(f"training diverged: {self.consecutive_skips} consecutive steps with a non-finite loss "
-                              f"or gradient (max_consecutive_skips={limit}) at step {self.abs_step}, "
-                              f"{self.nan_skips} skipped in all; no further checkpoint or best model is written "
-                              f"(lower lr=…)")
-        if not isinstance(getattr(self.trainer.precision_plugin, "scaler", None), torch.amp.GradScaler):
-            raise _SkipStep
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        try:
-            optimizer.step(closure=optimizer_closure)
-        except _SkipStep:
-            pass
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        if self.last_step_skipped:  # a skipped step leaves the schedule where it was
-            return
-        if metric is None:
-            scheduler.step()
-        else:
-            scheduler.step(metric)
-
     # ---------------------------------------------------------------- validation
     def term_generators(self) -> list[torch.Generator]:
         """Private generators of the loss terms (ROI jitter, the miner's draws)."""
@@ -395,71 +342,14 @@ class AgingModule(L.LightningModule):
             self._last_val_images = {"input": x.detach(), "output": y_aged.detach(), "target_age": targets,
                                      "output_age": out_age.detach(), "input_age": input_years.detach()}
 
-    # ---------------------------------------------------------------- checkpoint state
-    def _named_generators(self) -> dict[str, torch.Generator]:
-        gens = {"target_ages": self._gen}
-        for name, term in self.loss.terms.items():
-            if isinstance(getattr(term, "generator", None), torch.Generator):
-                gens[f"{name}"] = term.generator
-            miner = getattr(term, "_miner", None)
-            if isinstance(getattr(miner, "generator", None), torch.Generator):
-                gens[f"{name}.miner"] = miner.generator
-        return gens
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Persist what Lightning does not, for an exact resume: every RNG a training step draws from (global
-        CPU/CUDA, target ages, ROI jitter, the miner), the batch count, NaN skips and the step offset."""
-        rng = {name: g.get_state() for name, g in self._named_generators().items()}
-        checkpoint["agingnet"] = {
-            "rng": rng,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            # DDP: Lightning writes rank 0's file only; every rank's streams go in it (rng_per_rank[r])
-            "world_size": int(getattr(self._trainer, "world_size", 1) or 1),
-            "rng_per_rank": gather_rng_states({**rng, "torch_rng": torch.get_rng_state()}, self._trainer),
-            "batches_seen": self.batches_seen, "nan_skips": self.nan_skips, "step_offset": self.step_offset,
-            "consecutive_skips": self.consecutive_skips,
-            "stage": self.stage, "label_fallbacks": self.label_fallbacks,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("agingnet")
-        if not state:
-            return
-        per_rank = state.get("rng_per_rank")
-        if per_rank and self._trainer is not None and int(self._trainer.world_size) == len(per_rank):
-            mine = dict(per_rank[int(self._trainer.global_rank)])
-            state = {**state, "torch_rng": mine.pop("torch_rng"), "cuda_rng_current": mine.pop("cuda_rng", None),
-                     "rng": mine}
-        self.batches_seen, self.nan_skips = int(state["batches_seen"]), int(state["nan_skips"])
-        self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        self.step_offset = int(state["step_offset"])
-        self.label_fallbacks = int(state.get("label_fallbacks", 0))
-        self._pending_rng = state  # applied at train start, once lazily built terms (the miner) exist
-
+    # ---------------------------------------------------------------- fit start and optimization
     def on_train_start(self) -> None:
         # Lightning 2.x does not call ``train()`` when fit starts: without this a loaded net stays in eval (S1 would
         # train the age encoder on frozen BN statistics) and a fresh one leaves the frozen encoders in train mode.
         self.train(True)
         self.net.__dict__.pop("base_ema", None)  # the EMA callback has taken what it needs; free the memory
-        state = getattr(self, "_pending_rng", None)
-        if state is None:
-            return
-        for term in self.loss.terms.values():
-            if hasattr(term, "_miner") and getattr(term, "_miner", None) is None and hasattr(term, "miner"):
-                term.miner  # noqa: B018 - build the lazily loaded miner so its generator can be restored
-        gens = self._named_generators()
-        for name, g_state in state["rng"].items():
-            if name in gens:
-                gens[name].set_state(g_state)
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng_current") is not None and self.device.type == "cuda":  # this rank's device
-            torch.cuda.set_rng_state(state["cuda_rng_current"], self.device)
-        elif state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self._pending_rng = None
+        self.restore_pending_rng()
 
-    # ---------------------------------------------------------------- optimization
     def configure_optimizers(self):
         return configure_optimization(self)
 
