@@ -27,7 +27,6 @@ from agingnet.impostor_bank import (  # noqa: F401 - re-exports
     N_BINS,
     NORM_TOL,
     ImpostorBank,
-    _check_embeddings,
     age_to_bin,
     bin_key,
     default_meta,
