@@ -6,6 +6,8 @@ For every image x of ``data`` (256 px, const noise, the identity blend of :mod:`
 age t, with y = the aged output, and averaged over the images:
 
 * ``age_mae``  = mean |DEX(y) − t| (years), plus ``age_pred_mean``/``age_pred_std`` of DEX(y);
+* ``in_window`` = share of images with lo ≤ DEX(y) ≤ hi, with ``window=[lo,hi]`` (e.g. ``[38,42]``: the Phase-3
+  age lock, per image as the training's validation checks it, on held-out photos); empty without a window;
 * ``id_cos``   = mean ⟨f(y), f(x)⟩, f = IR-SE50 embedding of the identity crop (L2-normalized, SPEC §4);
 * ``lpips``    = mean LPIPS_alex(y, x);
 * optional ``fid`` / ``kid_mean`` / ``kid_std`` (torchmetrics) between the outputs at t and the inputs, on
@@ -58,8 +60,8 @@ from agingnet.world.truth import truth_images, world_actor
 log = logging.getLogger("agingnet.evaluate")
 register_resolvers()
 
-COLUMNS = ("model", "target_age", "n", "age_mae", "age_pred_mean", "age_pred_std", "id_cos", "id_cos_std",
-           "lpips", "fid", "kid_mean", "kid_std", "gt_l2", "gt_ssim")
+COLUMNS = ("model", "target_age", "n", "age_mae", "age_pred_mean", "age_pred_std", "in_window", "id_cos",
+           "id_cos_std", "lpips", "fid", "kid_mean", "kid_std", "gt_l2", "gt_ssim")
 MEAN_COLUMNS = COLUMNS[3:]  # averaged over the target ages, per model
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 
@@ -168,6 +170,22 @@ def make_fid(cfg: DictConfig, nets: FrozenNets, n_images: int, dim: int) -> tupl
     return fid, kid, f"on ({kind} features, KID subset {subset})"
 
 
+def _window(value: Any) -> tuple[float, float] | None:
+    """``window=[lo,hi]`` (ages, lo ≤ hi) or None."""
+    if value is None:
+        return None
+    vals = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
+    try:
+        lo, hi = (float(v) for v in vals)
+        ok = not any(isinstance(v, bool) for v in vals) and math.isfinite(lo) and math.isfinite(hi) and lo <= hi
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"window must be [lo, hi] in years with lo <= hi (e.g. window=[38,42]), got "
+                         f"{OmegaConf.to_container(value) if OmegaConf.is_list(value) else value!r}")
+    return lo, hi
+
+
 def _mean_std(v: Tensor) -> tuple[float, float]:
     return float(v.mean()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
 
@@ -223,13 +241,16 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module, label: str, files: list[Pat
     pred = cat["pred"]
     target = torch.tensor(ages, dtype=pred.dtype).unsqueeze(1)
     mae = (pred - target).abs().mean(1)
+    win = _window(cfg.get("window"))
+    inside = ((pred >= win[0]) & (pred <= win[1])).float().mean(1) if win is not None else None
     fid_status = "off (fid=false)"
     rows = []
     for k, t in enumerate(ages):  # one row per target age
         pm, ps = _mean_std(pred[k])
         cm, cs = _mean_std(cat["cos"][k])
         rows.append({"model": label, "target_age": t, "n": len(kept), "age_mae": float(mae[k]),
-                     "age_pred_mean": pm, "age_pred_std": ps, "id_cos": cm, "id_cos_std": cs,
+                     "age_pred_mean": pm, "age_pred_std": ps,
+                     "in_window": float(inside[k]) if inside is not None else None, "id_cos": cm, "id_cos_std": cs,
                      "lpips": float(cat["lpips"][k].mean()), "fid": None, "kid_mean": None, "kid_std": None,
                      "gt_l2": float(cat["gt_l2"][k].mean()) if truth is not None else None,
                      "gt_ssim": float(cat["gt_ssim"][k].mean()) if truth is not None else None})
@@ -261,6 +282,7 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
                              f"data=<folder>)")
     t0 = time.perf_counter()
     ages = _age_list(cfg.target_ages)
+    window = _window(cfg.get("window"))  # checked before any network is loaded
     if int(cfg.get("batch_size", 8)) < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.get('batch_size')}")
     strength, strict = strength_arg(cfg), bool(cfg.get("strict_pose", False))
@@ -297,7 +319,8 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
     first = infos["checkpoint"]
     meta = {"checkpoint": str(cfg.checkpoint), "used_ema": first["used_ema"], "baseline": models.get("baseline"),
             "data": str(cfg.data_dir), "n_images": first["n_images"], "skipped": first["skipped"],
-            "target_ages": ages, "aging_strength": strength, "strict_pose": strict, "nets": used,
+            "target_ages": ages, "window": list(window) if window else None, "aging_strength": strength,
+            "strict_pose": strict, "nets": used,
             "fid": first["fid"], "input_age_mean": first["input_age_mean"], "device": str(device),
             "world": ({"identity": int(actor["identity"]), "seed": actor.get("seed"),
                        "renderer_version": actor["renderer_version"]} if actor is not None else None),

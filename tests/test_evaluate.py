@@ -70,8 +70,10 @@ def test_reports_have_a_row_per_age_and_match_a_hand_computation(setup, tmp_path
     for r in rows:
         assert int(r["n"]) == 3
         assert r["model"] == "checkpoint" and r["gt_l2"] == r["gt_ssim"] == ""  # no world.json: no truth
+        assert r["in_window"] == ""  # no window= given
         for c in ev.MEAN_COLUMNS[:-2]:
-            assert math.isfinite(float(r[c])), c
+            if c != "in_window":
+                assert math.isfinite(float(r[c])), c
     data = json.loads((out / "metrics.json").read_text())
     assert data["rows"] == res["rows"] and data["meta"]["n_images"] == 3
     assert data["meta"]["skipped"][0]["file"] == "readme.png"
@@ -110,6 +112,37 @@ def test_reports_have_a_row_per_age_and_match_a_hand_computation(setup, tmp_path
     assert res["mean"]["age_mae"] == pytest.approx((res["rows"][0]["age_mae"] + res["rows"][1]["age_mae"]) / 2)
 
 
+class _BrightnessAge(torch.nn.Module):
+    """A stand-in DEX whose answer varies from image to image (a random DEX answers the same age for all):
+    age = 40 + 200 · mean pixel."""
+
+    def predict_age(self, img: torch.Tensor) -> torch.Tensor:
+        return 40 + 200 * img.mean(dim=(1, 2, 3))
+
+
+def test_in_window_is_the_share_of_images_whose_output_age_lies_inside(setup, tmp_path, monkeypatch):
+    import agingnet.models
+
+    monkeypatch.setattr(agingnet.models, "build_dex", lambda **kw: _BrightnessAge())
+    net = load_aging_model(setup[0]).eval()
+    x = torch.stack([pil_to_tensor(Image.open(setup[1] / f"{30 + i}_{i}.png")) for i in range(3)])
+    ages = {}
+    with torch.no_grad():  # independently: a plain const-noise forward per target, the stand-in's formula
+        for t in (20, 60):
+            y, _ = net(add_age_channel(x, torch.full((3,), t / 100)), noise_mode="const")
+            ages[t] = sorted(float(40 + 200 * y[i].mean()) for i in range(3))
+    lo, hi = (ages[20][0] + ages[20][1]) / 2, ages[20][2] + 0.5  # two of the three outputs at 20 inside
+    assert min(abs(a - b) for v in ages.values() for a in v for b in (lo, hi)) > 1e-3  # no output on a bound
+    res = ev.run_evaluation(_cfg(setup, tmp_path / "ev", f"window=[{lo},{hi}]"))
+    for row in res["rows"]:
+        assert row["in_window"] == pytest.approx(sum(lo <= a <= hi for a in ages[row["target_age"]]) / 3)
+    assert res["rows"][0]["in_window"] == pytest.approx(2 / 3)
+    assert res["meta"]["window"] == [lo, hi]
+    assert res["mean"]["in_window"] == pytest.approx(sum(r["in_window"] for r in res["rows"]) / 2)
+    row = next(csv.DictReader(open(tmp_path / "ev" / "metrics.csv")))
+    assert float(row["in_window"]) == pytest.approx(2 / 3)
+
+
 def test_fid_inception_is_skipped_clearly_without_torch_fidelity(setup, tmp_path):
     if importlib.util.find_spec("torch_fidelity") is not None:
         pytest.skip("torch-fidelity is installed: the inception path would try to load its weights")
@@ -131,6 +164,11 @@ def test_errors_name_the_key(setup, tmp_path):
         ev.run_evaluation(cfg)
     with pytest.raises(ValueError, match="target_ages must list at least one age"):
         ev.run_evaluation(_cfg(setup, tmp_path, "target_ages=[]"))
+    for bad, shown in (("window=[42,38]", r"\[42, 38\]"), ("window=[40]", r"\[40\]"), ("window=40", "40"),
+                       ("window=[a,50]", r"\['a', 50\]")):
+        with pytest.raises(ValueError, match=r"window must be \[lo, hi\] in years with lo <= hi .*got " + shown):
+            ev.run_evaluation(_cfg(setup, tmp_path / "never", bad))
+    assert not (tmp_path / "never").exists()  # refused before anything was written
 
 
 def test_command_line_data_is_passed_on_as_data_dir(monkeypatch):
