@@ -29,6 +29,7 @@ class _Snapshot(L.Callback):
         self.latent_avg = pl_module.net.latent_avg.clone()
         self.frozen = {k: v.detach().clone() for k, v in pl_module.frozen.state_dict().items()}
         self.terms = set(pl_module.loss.terms)
+        self.weights = {k: w.weight for k, w in pl_module.loss.weights.items()}  # as the module built them
 
     def on_train_end(self, trainer, pl_module):
         self.after = {k: v.detach().clone() for k, v in pl_module.net.named_parameters()}
@@ -79,7 +80,7 @@ def test_second_stage_continues_a_model_with_sams_aging_and_identity_terms(tmp_p
     torch.testing.assert_close(start, shipped["decoder.conv1.conv.weight"].float())  # it started from the export
     assert _changed(snap.before, snap.after, "decoder.")
     assert snap.terms == {"gt", "aging", "id"}
-    assert cfg.loss.aging.weight == 5.0 and cfg.loss.id.weight == 0.1 and cfg.loss.gt.weight == 1.0
+    assert snap.weights == {"gt": 1.0, "aging": 5.0, "id": 0.1}  # SAM's aging 5 and identity 0.1
 
 
 # ---------------------------------------------------------------- the shipped model
