@@ -191,8 +191,10 @@ def _mean_std(v: Tensor) -> tuple[float, float]:
 
 
 def _evaluate_model(cfg: DictConfig, net: nn.Module, label: str, files: list[Path], nets: FrozenNets, dim: int,
-                    truth: Tensor | None, device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows (one per target age) of one aging model on ``files``, and what the meta needs from the pass."""
+                    truth: Tensor | None, device: torch.device, window: tuple[float, float] | None = None
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (one per target age) of one aging model on ``files``, and what the meta needs from the pass;
+    ``window``: the checked ``window=`` (:func:`_window`) for the ``in_window`` column."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     ages = _age_list(cfg.target_ages)
@@ -241,8 +243,7 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module, label: str, files: list[Pat
     pred = cat["pred"]
     target = torch.tensor(ages, dtype=pred.dtype).unsqueeze(1)
     mae = (pred - target).abs().mean(1)
-    win = _window(cfg.get("window"))
-    inside = ((pred >= win[0]) & (pred <= win[1])).float().mean(1) if win is not None else None
+    inside = ((pred >= window[0]) & (pred <= window[1])).float().mean(1) if window is not None else None
     fid_status = "off (fid=false)"
     rows = []
     for k, t in enumerate(ages):  # one row per target age
@@ -310,7 +311,7 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
             if size not in truths:
                 truths[size] = truth_images(int(actor["identity"]), ages, size, device)
             truth = truths[size]
-        r, infos[label] = _evaluate_model(cfg, net, label, files, nets, dim, truth, device)
+        r, infos[label] = _evaluate_model(cfg, net, label, files, nets, dim, truth, device, window)
         rows += r
 
     means = {label: {c: (sum(r[c] for r in rows if r["model"] == label) / len(ages)

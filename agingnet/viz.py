@@ -48,10 +48,10 @@ def from_uint8(arr: np.ndarray | Tensor) -> Tensor:
     if not torch.is_tensor(arr):
         arr = np.asarray(arr)  # PIL's arrays are read-only, which torch.from_numpy warns about: copy those
         arr = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-    v = arr
-    if v.dtype != torch.uint8 or v.ndim < 3 or v.shape[-1] != 3:
-        raise ValueError(f"from_uint8 expects [...,H,W,3] uint8, got {tuple(v.shape)} {v.dtype}")
-    return v.movedim(-1, -3).float().div(127.5).sub(1.0).contiguous()
+    if arr.dtype != torch.uint8 or arr.ndim < 3 or arr.shape[-1] != 3:
+        raise ValueError(f"from_uint8 expects [...,H,W,3] uint8, got {tuple(arr.shape)} {arr.dtype}")
+    # one copy into a contiguous float tensor, then in place (the data loader's hot path)
+    return arr.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
 
 def pil_to_tensor(img: Image.Image) -> Tensor:
