@@ -5,7 +5,8 @@ record per validation), prints a markdown report, and writes ``report.md`` and `
 (default ``RUN_DIR/report``). The seed's acceptance criteria (SPEC §8), each PASS/FAIL:
 
 1. **age lock**: the ``phase3:`` line names a window (fixed_age F, jitter J → [F−J, F+J]), no ``AGE-LOCK:`` line
-   was written, and every validation has ``val/aging/in_window == 1``.
+   was written, and every validation's mean output age ``val/aging/output_age`` lies in the window (the mean: see
+   :func:`age_in_window`). The per-image share ``val/aging/in_window`` is listed.
 2. **plateau markers**: at least one ``PHASE3: plateau`` line.
 3. **identity trend**: with v_1…v_n the validation identity losses ``val/real/id`` in step order and window
    w = min(window, n − 1) (default window 3), the rolling means m_j = mean(v_j … v_{j+w−1}), j = 1…n−w+1, are
@@ -137,14 +138,32 @@ def health_checks(run: Run, max_skips: int = 10) -> list[tuple[str, bool | None,
              f"{skips} step(s) skipped with a non-finite loss or gradient")]
 
 
+def age_in_window(output_age: float, window: Sequence[int]) -> bool:
+    """The age lock: a validation's mean output age (DEX) lies in [lo, hi] (NaN never does). The mean, as the fork's
+    line printed it, not each image: DEX's own error per photo is ±2 y, so even the world actor's true face at age 38
+    reads below 38 on 3 of its 8 test photos (docs/BENCHMARKS.md, "The age lock"); ``val/aging/in_window`` keeps
+    the per-image share for the record."""
+    return int(window[0]) <= float(output_age) <= int(window[1])
+
+
+def _ages(ages: Sequence[Any]) -> str:
+    """``40.9, 40.1`` (the first and last 5 when there are more than 10)."""
+    txt = [f"{a:.1f}" if isinstance(a, (int, float)) else "?" for a in ages]
+    return ", ".join(txt if len(txt) <= 10 else [*txt[:5], "…", *txt[-5:]]) or "none"
+
+
 def criteria(run: Run, window: int = 3, tol: float = 0.01) -> list[tuple[str, bool | None, str]]:
     """[(criterion, PASS/FAIL/None, detail)] for the seed's acceptance criteria."""
     out: list[tuple[str, bool | None, str]] = []
-    in_win = [r.get("val/aging/in_window") for r in run.records]
-    bad = [r["step"] for r, v in zip(run.records, in_win) if v is None or v < 1.0]
+    ages = [r.get("val/aging/output_age") for r in run.records]
+    bad = [r["step"] for r, a in zip(run.records, ages)
+           if run.window is None or not isinstance(a, (int, float)) or not age_in_window(a, run.window)]
     ok = run.window is not None and not run.age_lock_lines and not bad and bool(run.records)
+    shares = [r.get("val/aging/in_window") for r in run.records]
+    share = f"{min(shares):.0%}" if shares and all(isinstance(v, (int, float)) for v in shares) else "n/a"
     out.append(("age lock", ok, f"window {list(run.window) if run.window else 'none'}; "
-                f"{len(run.age_lock_lines)} AGE-LOCK line(s); in_window < 1 at steps {bad[:10]}"))
+                f"{len(run.age_lock_lines)} AGE-LOCK line(s); mean output age outside at steps {bad[:10]}; "
+                f"output ages {_ages(ages)}; fewest images inside {share}"))
     out.append(("plateau markers", bool(run.plateau_steps),
                 f"{len(run.plateau_steps)} 'PHASE3: plateau' line(s) at steps {run.plateau_steps[:10]}"))
     ids = [float(r["val/real/id"]) for r in run.records if r.get("val/real/id") is not None]

@@ -11,9 +11,10 @@ def _per(v, i):
     return v[i] if isinstance(v, list) else v
 
 
-def _run(tmp_path, name, ids, in_window=1.0, plateau=True, ema=1, pairs=2.0, age_lock=False, fixed_age=40):
-    """A run folder: ``in_window``/``ema``/``pairs`` are one value or one per validation (``ema=None``: no
-    ``used_ema=`` line; ``pairs=None``: no ROI statistics in that record)."""
+def _run(tmp_path, name, ids, in_window=1.0, plateau=True, ema=1, pairs=2.0, age_lock=False, fixed_age=40,
+         output_age=40.0):
+    """A run folder: ``in_window``/``output_age``/``ema``/``pairs`` are one value or one per validation
+    (``ema=None``: no ``used_ema=`` line; ``pairs=None``: no ROI statistics in that record)."""
     ck = tmp_path / name / "checkpoints"
     ck.mkdir(parents=True)
     lines = [f"phase3: fixed_age={fixed_age} jitter=2 miner_window=[38,42] lr=1.5e-05 resume=/b.pt step=50500"]
@@ -25,7 +26,8 @@ def _run(tmp_path, name, ids, in_window=1.0, plateau=True, ema=1, pairs=2.0, age
         if ema_i is not None:
             lines.append(f"used_ema={ema_i} id={v:.3f} lpips=0.134 l2=0.009 step={step}")
         rec = {"step": step, "val/total": total, "val/real/id": v, "val/real/lpips": 0.134, "val/real/l2": 0.009,
-               "val/real/w_norm": 37.0, "val/aging/in_window": _per(in_window, i), "used_ema": ema_i or 0}
+               "val/real/w_norm": 37.0, "val/aging/in_window": _per(in_window, i),
+               "val/aging/output_age": _per(output_age, i), "used_ema": ema_i or 0}
         if _per(pairs, i) is not None:
             rec.update({"roi/roi_pairs_eyes": _per(pairs, i), "roi/roi_pairs_mouth": 2.0})
         if age_lock and i == 1:
@@ -69,7 +71,8 @@ CRITERIA = ["age lock", "plateau markers", "identity trend", "roi pairs > 0", "u
 
 @pytest.mark.parametrize("failing,kw", [
     ("age lock", {"age_lock": True}),  # an AGE-LOCK: line
-    ("age lock", {"in_window": [1.0, 0.75, 1.0, 1.0]}),  # one validation with outputs outside the window
+    ("age lock", {"output_age": [40.0, 37.9, 40.0, 40.0]}),  # one validation's mean output age below the window
+    ("age lock", {"output_age": [40.0, 40.0, 40.0, float("nan")]}),  # a non-finite output age
     ("age lock", {"fixed_age": "none"}),  # no window named in the phase3: line
     ("plateau markers", {"plateau": False}),
     ("identity trend", {"ids": [0.15, 0.14, 0.16, 0.17]}),  # rolling means 0.15, 0.1567: +4.4 % > 1 %
@@ -77,7 +80,7 @@ CRITERIA = ["age lock", "plateau markers", "identity trend", "roi pairs > 0", "u
     ("roi pairs > 0", {"pairs": [2.0, 2.0, None, 2.0]}),  # a validation without ROI statistics
     ("used_ema=1", {"ema": [1, 0, 1, 1]}),  # one evaluation on the raw weights
     ("used_ema=1", {"ema": None}),  # no used_ema= line at all
-], ids=["age_lock_line", "in_window", "no_window", "plateau", "identity_trend", "roi_zero", "roi_missing",
+], ids=["age_lock_line", "output_age", "output_age_nan", "no_window", "plateau", "identity_trend", "roi_zero", "roi_missing",
         "ema_0", "ema_none"])
 def test_each_criterion_fails_alone(tmp_path, failing, kw):
     ids = kw.pop("ids", GOOD_IDS)
@@ -85,6 +88,18 @@ def test_each_criterion_fails_alone(tmp_path, failing, kw):
     verdicts = {name: ok for name, ok, _ in report.criteria(run)}
     assert verdicts == {c: c != failing for c in CRITERIA}
     assert f"| {failing} | FAIL |" in report.render([run])
+
+
+def test_age_lock_is_on_the_mean_output_age_not_each_image(tmp_path):
+    # the window is closed: 38 and 42 are inside; NaN never is
+    assert [report.age_in_window(a, (38, 42)) for a in (37.99, 38, 40, 42, 42.01, float("nan"))] == \
+        [False, True, True, True, False, False]
+    # half of one validation's images outside the window, their mean inside: the lock holds, the share is listed
+    run = report.load_run(_run(tmp_path, "half", GOOD_IDS, in_window=[1.0, 0.5, 1.0, 0.75],
+                               output_age=[40.9, 39.3, 40.0, 41.2]))
+    (name, ok, detail), = [c for c in report.criteria(run) if c[0] == "age lock"]
+    assert ok is True
+    assert "output ages 40.9, 39.3, 40.0, 41.2" in detail and "fewest images inside 50%" in detail
 
 
 def test_cli_two_runs_writes_markdown_and_png(tmp_path, capsys):

@@ -39,9 +39,7 @@ def test_eval_mb_roi_agelock_best_plateau_lines():
     assert format_roi_line({"roi_pairs_eyes": 2.0, "roi_pairs_mouth": 1.5, "value": 3.0}) == \
         "roi: pairs_eyes=2 pairs_mouth=1.5"
     assert format_age_lock_line(45.06, (38, 42)) == "AGE-LOCK: output age 45.1 outside [38,42]"
-    # the lock is per image: a mean inside the window names the share of images outside it
-    assert format_age_lock_line(39.33, (38, 42), 0.5) == "AGE-LOCK: output age 39.3 (50% of images) outside [38,42]"
-    assert format_age_lock_line(45.06, (38, 42), 0.0) == "AGE-LOCK: output age 45.1 outside [38,42]"
+    assert format_age_lock_line(37.94, (38, 42)) == "AGE-LOCK: output age 37.9 outside [38,42]"
     head, body = format_best_lines(59000, 0.37341, {"val/total": 0.37341, "val/real/id": 0.1343})
     assert head == "**Best**: Step - 59000, Loss - 0.373"
     assert json.loads(body) == {"real/id": 0.1343, "total": 0.37341}
@@ -87,6 +85,7 @@ def test_callback_writes_lines_and_jsonl(tmp_path):
     terms["contrastive_id"].last_stats = {"applied_ratio": 0.0}  # validation overwrote it: must not be used
     cb.on_validation_end(tr, pl)
     tr.callback_metrics["val/total"] = torch.tensor(0.5)  # worse: no new **Best**
+    tr.callback_metrics["val/aging/output_age"] = torch.tensor(39.3)  # mean inside, half the images outside: no line
     cb.on_validation_end(tr, pl)
     lines = (tmp_path / "ck" / "timestamp.txt").read_text().splitlines()
     assert lines[0] == "phase3: fixed_age=40 jitter=2 miner_window=[38,42] lr=1.5e-05 resume=/base.pt step=50500"
@@ -99,6 +98,7 @@ def test_callback_writes_lines_and_jsonl(tmp_path):
     assert lines[5] == "**Best**: Step - 50502, Loss - 0.400"
     assert json.loads(lines[6])["real/id"] == 0.134
     assert sum(ln.startswith("**Best**") for ln in lines) == 1
+    assert sum(ln.startswith("AGE-LOCK") for ln in lines) == 1
     recs = [json.loads(x) for x in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
     assert [r["best"] for r in recs] == [True, False]
     assert recs[0]["step"] == 50502 and recs[0]["used_ema"] == 1

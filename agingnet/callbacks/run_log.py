@@ -7,7 +7,7 @@ Lines (users grep the prefixes; each is produced by one pure function below):
     mb: prof=soft060 k=48 band=[0.25,0.60] cand≈11.0 simμ≈0.301 p75≈0.35 p90≈0.41 k_eff=37.5 floor=0.20
                                                                       (contrastive_id present)
     roi: pairs_eyes=2 pairs_mouth=2                                   (roi_id present)
-    AGE-LOCK: output age 45.1 outside [38,42]                         (val in_window < 1)
+    AGE-LOCK: output age 45.1 outside [38,42]                         (val mean output age outside the window)
     **Best**: Step - 59000, Loss - 0.373                              (new lowest ``monitor``)
     {"total": 0.373, "real/id": 0.134, ...}                           (the validation metrics of that best)
     PHASE3: plateau step=N best_step=M id_min_step=K                  (written by PlateauCallback)
@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 
 from agingnet.callbacks.ema import find_ema
 from agingnet.io import atomic_write
+from agingnet.report import age_in_window
 
 # ---------------------------------------------------------------- pure line formats
 
@@ -90,15 +91,10 @@ def format_roi_line(stats: Mapping[str, float]) -> str:
     return "roi: " + " ".join(parts)
 
 
-def format_age_lock_line(output_age: float, window: Sequence[int], in_window: float | None = None) -> str:
-    """``AGE-LOCK: output age 45.1 outside [38,42]``; when the mean is inside the window but some images are not
-    (the lock is per image), the share outside is named: ``AGE-LOCK: output age 39.3 (50% of images) outside
-    [38,42]``."""
+def format_age_lock_line(output_age: float, window: Sequence[int]) -> str:
+    """``AGE-LOCK: output age 45.1 outside [38,42]``: the validation's mean output age left the window."""
     lo, hi = int(window[0]), int(window[1])
-    share = ""
-    if in_window is not None and lo <= float(output_age) <= hi:
-        share = f" ({100 * (1 - float(in_window)):.0f}% of images)"
-    return f"AGE-LOCK: output age {float(output_age):.1f}{share} outside [{lo},{hi}]"
+    return f"AGE-LOCK: output age {float(output_age):.1f} outside [{lo},{hi}]"
 
 
 def format_best_lines(step: int, loss: float, metrics: Mapping[str, float]) -> list[str]:
@@ -241,9 +237,9 @@ class RunLogCallback(Callback):
                        if k.startswith("roi_pairs_")}
             self.write_line(format_roi_line(roi))
         window = getattr(getattr(pl_module, "sampler", None), "window", None)
-        in_win = val.get("val/aging/in_window")
-        if window is not None and in_win is not None and in_win < 1.0:
-            self.write_line(format_age_lock_line(val.get("val/aging/output_age", math.nan), window, in_win))
+        out_age = val.get("val/aging/output_age")
+        if window is not None and out_age is not None and not age_in_window(out_age, window):
+            self.write_line(format_age_lock_line(out_age, window))
         score = val.get(self.monitor)
         is_best = score is not None and math.isfinite(score) and (self.best is None or score < self.best)
         if is_best:  # the same rule as the best exports: diverged weights are never "best"
