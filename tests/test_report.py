@@ -80,8 +80,8 @@ CRITERIA = ["age lock", "plateau markers", "identity trend", "roi pairs > 0", "u
     ("roi pairs > 0", {"pairs": [2.0, 2.0, None, 2.0]}),  # a validation without ROI statistics
     ("used_ema=1", {"ema": [1, 0, 1, 1]}),  # one evaluation on the raw weights
     ("used_ema=1", {"ema": None}),  # no used_ema= line at all
-], ids=["age_lock_line", "output_age", "output_age_nan", "no_window", "plateau", "identity_trend", "roi_zero", "roi_missing",
-        "ema_0", "ema_none"])
+], ids=["age_lock_line", "output_age", "output_age_nan", "no_window", "plateau", "identity_trend", "roi_zero",
+        "roi_missing", "ema_0", "ema_none"])
 def test_each_criterion_fails_alone(tmp_path, failing, kw):
     ids = kw.pop("ids", GOOD_IDS)
     run = report.load_run(_run(tmp_path, "bad", ids, **kw))
