@@ -6,8 +6,9 @@ For every image x of ``data`` (256 px, const noise, the identity blend of :mod:`
 age t, with y = the aged output, and averaged over the images:
 
 * ``age_mae``  = mean |DEX(y) − t| (years), plus ``age_pred_mean``/``age_pred_std`` of DEX(y);
-* ``in_window`` = share of images with lo ≤ DEX(y) ≤ hi, with ``window=[lo,hi]`` (e.g. ``[38,42]``: the Phase-3
-  age lock, per image as the training's validation checks it, on held-out photos); empty without a window;
+* ``in_window`` = share of images with lo ≤ DEX(y) ≤ hi, with ``window=[lo,hi]`` (e.g. ``[38,42]``, the Phase-3
+  age window, per image on held-out photos; the training's lock is on the mean, ``age_pred_mean``); empty
+  without a window;
 * ``id_cos``   = mean ⟨f(y), f(x)⟩, f = IR-SE50 embedding of the identity crop (L2-normalized, SPEC §4);
 * ``lpips``    = mean LPIPS_alex(y, x);
 * optional ``fid`` / ``kid_mean`` / ``kid_std`` (torchmetrics) between the outputs at t and the inputs, on
@@ -24,7 +25,10 @@ that identity at the target age (:func:`agingnet.world.render`, ``photo=None``),
 
 and the world's DEX and identity networks are used unless ``world_nets=false``. ``baseline=<checkpoint>``
 (or ``baseline=world``, the shipped global model) evaluates a second model the same way: every row has a
-``model`` column, ``checkpoint`` or ``baseline``.
+``model`` column, ``checkpoint`` or ``baseline``. ``truth=true`` (world actors only) adds the rows ``truth``: the
+actor's true face at each target age photographed like each input photo (:func:`agingnet.world.truth.photo_truth`),
+scored as if a model had output it: what a perfect aging model reaches, e.g. how often DEX's own error puts the
+truth outside a ``window=``, or the ``gt_l2`` the photos' light and background leave.
 
 Writes ``metrics.csv``, ``metrics.json`` (rows, their mean per model, what was used and skipped) and
 ``metrics.md`` to ``output_dir``. The networks are batched over images × ages (one DEX, IR-SE50 and LPIPS
@@ -33,9 +37,6 @@ call per batch).
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import os
@@ -51,18 +52,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from agingnet.config import CONFIG_DIR, register_resolvers, user_errors
+from agingnet.eval_report import COLUMNS, MEAN_COLUMNS, format_markdown, write_reports
 from agingnet.face_inputs import iter_batches, list_inputs, load_face, to_input
 from agingnet.infer import _age_list, age_batch, load_model, select_device, strength_arg
 from agingnet.losses.base import FrozenNets
-from agingnet.viz import save_text
-from agingnet.world.truth import truth_images, world_actor
+from agingnet.world.truth import photo_truth, truth_images, world_actor
 
 log = logging.getLogger("agingnet.evaluate")
 register_resolvers()
 
-COLUMNS = ("model", "target_age", "n", "age_mae", "age_pred_mean", "age_pred_std", "in_window", "id_cos",
-           "id_cos_std", "lpips", "fid", "kid_mean", "kid_std", "gt_l2", "gt_ssim")
-MEAN_COLUMNS = COLUMNS[3:]  # averaged over the target ages, per model
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 
 
@@ -190,17 +188,18 @@ def _mean_std(v: Tensor) -> tuple[float, float]:
     return float(v.mean()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
 
 
-def _evaluate_model(cfg: DictConfig, net: nn.Module, label: str, files: list[Path], nets: FrozenNets, dim: int,
-                    truth: Tensor | None, device: torch.device, window: tuple[float, float] | None = None
-                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _evaluate_model(cfg: DictConfig, net: nn.Module | None, label: str, files: list[Path], nets: FrozenNets,
+                    dim: int, truth: Tensor | None, device: torch.device, window: tuple[float, float] | None = None,
+                    actor: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (one per target age) of one aging model on ``files``, and what the meta needs from the pass;
-    ``window``: the checked ``window=`` (:func:`_window`) for the ``in_window`` column."""
+    ``window``: the checked ``window=`` (:func:`_window`) for the ``in_window`` column. ``net=None``: the world
+    ``actor``'s true faces stand in for the outputs (the ``truth`` rows)."""
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
     ages = _age_list(cfg.target_ages)
     bs = int(cfg.get("batch_size", 8))
     strength, strict = strength_arg(cfg), bool(cfg.get("strict_pose", False))
-    in_size = int(getattr(net.encoder, "input_size", 256))
+    in_size = int(getattr(net.encoder, "input_size", 256)) if net is not None else int(actor.get("size", 256))
     skipped: list[dict[str, str]] = []
     kept: list[Path] = []
     keys = ("pred", "cos", "lpips", "a_in") + (("gt_l2", "gt_ssim") if truth is not None else ())
@@ -212,7 +211,10 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module, label: str, files: list[Pat
         b, a = x.shape[0], len(ages)
         with torch.no_grad():
             a_in = nets.predict_age(x).clamp(0, 100)
-            y = age_batch(net, x, ages, a_in, strength, strict, output_size=in_size)  # [A,B,3,S,S]
+            if net is None:  # [A,B,3,S,S]
+                y = photo_truth(actor, [p for p, _ in batch], ages, in_size).to(device)
+            else:
+                y = age_batch(net, x, ages, a_in, strength, strict, output_size=in_size)
             flat = y.flatten(0, 1)
             pred = nets.predict_age(flat).view(a, b)
             fx = nets.embed_face(x)
@@ -267,7 +269,7 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module, label: str, files: list[Pat
         rows[-1].update(fid=float(fid.compute()), kid_mean=float(km), kid_std=float(ks))
     info = {"n_images": len(kept), "skipped": skipped, "fid": fid_status,
             "input_age_mean": float(torch.cat(per_age["a_in"]).mean()),
-            "used_ema": bool(net.meta.get("used_ema", False)), "in_size": in_size}
+            "used_ema": bool(net.meta.get("used_ema", False)) if net is not None else False, "in_size": in_size}
     return rows, info
 
 
@@ -275,7 +277,7 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
     """Evaluate (module doc): writes the reports; returns {"rows": […], "mean": {…}, "meta": {…}}.
 
     ``mean`` holds the mean over the target ages of the checkpoint's rows; with ``baseline=`` also
-    ``mean_baseline``."""
+    ``mean_baseline``, with ``truth=true`` also ``mean_truth``."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     for key in ("checkpoint", "data_dir", "output_dir"):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
@@ -296,7 +298,13 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
     base = _baseline_path(cfg.get("baseline"))
     if base is not None:
         models["baseline"] = base
-    loaded = {label: load_model(path, cfg.get("use_ema", "auto"), device) for label, path in models.items()}
+    if cfg.get("truth", False) and actor is None:
+        raise ValueError(f"truth=true needs a world actor's folder (a world.json written by 'python -m agingnet.world "
+                         f"actor'), and data={cfg.data_dir} has none")
+    loaded: dict[str, nn.Module | None] = {label: load_model(path, cfg.get("use_ema", "auto"), device)
+                                           for label, path in models.items()}
+    if cfg.get("truth", False):
+        loaded["truth"] = None
     nets, used = build_frozen(cfg, device, world=_use_world_nets(cfg, actor))
     s_id = nets.id_input_size
     dim = int(nets.arcface(torch.zeros(1, 3, s_id, s_id, device=device)).shape[-1])
@@ -305,13 +313,13 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
     infos: dict[str, dict[str, Any]] = {}
     truths: dict[int, Tensor] = {}
     for label, net in loaded.items():
-        size = int(getattr(net.encoder, "input_size", 256))
+        size = int(getattr(net.encoder, "input_size", 256)) if net is not None else int(actor.get("size", 256))
         truth = None
         if actor is not None:
             if size not in truths:
                 truths[size] = truth_images(int(actor["identity"]), ages, size, device)
             truth = truths[size]
-        r, infos[label] = _evaluate_model(cfg, net, label, files, nets, dim, truth, device, window)
+        r, infos[label] = _evaluate_model(cfg, net, label, files, nets, dim, truth, device, window, actor)
         rows += r
 
     means = {label: {c: (sum(r[c] for r in rows if r["model"] == label) / len(ages)
@@ -321,59 +329,18 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
     meta = {"checkpoint": str(cfg.checkpoint), "used_ema": first["used_ema"], "baseline": models.get("baseline"),
             "data": str(cfg.data_dir), "n_images": first["n_images"], "skipped": first["skipped"],
             "target_ages": ages, "window": list(window) if window else None, "aging_strength": strength,
-            "strict_pose": strict, "nets": used,
+            "strict_pose": strict, "nets": used, "truth": "truth" in loaded,
             "fid": first["fid"], "input_age_mean": first["input_age_mean"], "device": str(device),
             "world": ({"identity": int(actor["identity"]), "seed": actor.get("seed"),
                        "renderer_version": actor["renderer_version"]} if actor is not None else None),
             "seconds": round(time.perf_counter() - t0, 3)}
     result = {"rows": rows, "mean": means["checkpoint"], "meta": meta}
-    if "baseline" in means:
-        result["mean_baseline"] = means["baseline"]
+    for label in ("baseline", "truth"):
+        if label in means:
+            result[f"mean_{label}"] = means[label]
     write_reports(result, Path(cfg.output_dir))
     print(format_markdown(result))
     return result
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4f}" if math.isfinite(v) else str(v)
-    return str(v)
-
-
-def format_markdown(result: dict[str, Any]) -> str:
-    """A markdown report: what was evaluated, then one table row per target age and the mean."""
-    m = result["meta"]
-    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    body = "".join("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n" for r in result["rows"])
-    mean = ""
-    for label, key in (("checkpoint", "mean"), ("baseline", "mean_baseline")):
-        if key in result:
-            vals = " | ".join(_fmt(result[key].get(c)) for c in MEAN_COLUMNS)
-            mean += f"| {label} | mean | {m['n_images']} | {vals} |\n"
-    skipped = "".join(f"- skipped {s['file']}: {s['reason']}\n" for s in m["skipped"])
-    return (f"# agingnet evaluation\n\ncheckpoint `{m['checkpoint']}` (used_ema={int(m['used_ema'])}), data "
-            f"`{m['data']}`: {m['n_images']} images, aging_strength={m['aging_strength']}, "
-            f"strict_pose={m['strict_pose']}"
-            + (f", baseline `{m['baseline']}`" if m.get("baseline") else "")
-            + (f"\n\nworld actor {m['world']['identity']}: gt_l2/gt_ssim against its rendered truth"
-               if m.get("world") else "")
-            + f"\n\nnetworks: IR-SE50 {m['nets']['arcface']}, "
-            f"DEX {m['nets']['dex']}, LPIPS {m['nets']['lpips']}; FID/KID {m['fid']}\n\n"
-            f"{head}{body}{mean}\n{skipped}")
-
-
-def write_reports(result: dict[str, Any], out: Path) -> dict[str, Path]:
-    """``metrics.csv`` (a row per target age), ``metrics.json`` and ``metrics.md``, written atomically."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
-    w.writeheader()
-    for r in result["rows"]:
-        w.writerow({c: "" if r[c] is None else r[c] for c in COLUMNS})
-    return {"csv": save_text(buf.getvalue(), out / "metrics.csv"),
-            "json": save_text(json.dumps(result, indent=2) + "\n", out / "metrics.json"),
-            "md": save_text(format_markdown(result), out / "metrics.md")}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="evaluate")

@@ -251,3 +251,50 @@ def test_world_bad_input_is_one_clear_error(setup, actor, tmp_path):
     with pytest.raises(ValueError, match=r"world\.json: renderer version 0 does not match"):
         ev.run_evaluation(_cfg(setup, tmp_path / "ev2", f"data_dir={stale / 'test'}"))
     assert not (tmp_path / "ev").exists() and not (tmp_path / "ev2").exists()  # nothing written
+
+
+def test_truth_rows_score_the_actors_true_face_in_each_photos_light(setup, tmp_path):
+    """truth=true: the rows ``truth`` score render(identity, t, photo=(seed, idx)) for every photo ``{age}_{idx}``.
+    At a photo's own age that is the photo itself (LPIPS 0, identity cosine 1)."""
+    from agingnet.world import render
+    from agingnet.world.data import write_actor
+    from agingnet.world.weights import load_world_dex
+
+    folder = write_actor(100_008, tmp_path / "actor", seed=4, ages=[30], test_ages=[45, 45], n_train=1, n_test=2)
+    cfg = _cfg(setup, tmp_path / "ev", f"data_dir={folder / 'test'}", "truth=true", "target_ages=[45,70]",
+               "window=[44,46]")
+    res = ev.run_evaluation(cfg)
+    assert [(r["model"], r["target_age"]) for r in res["rows"]] == [
+        ("checkpoint", 45), ("checkpoint", 70), ("truth", 45), ("truth", 70)]
+    own = next(r for r in res["rows"] if r["model"] == "truth" and r["target_age"] == 45)
+    assert own["lpips"] == pytest.approx(0.0, abs=1e-6) and own["id_cos"] == pytest.approx(1.0, abs=1e-5)
+    # by hand: photos 1 and 2 (index 0 is the training photo) of seed 4, at 70, through the world DEX
+    photos = torch.stack([torch.from_numpy(render(100_008, 70, size=256, photo=(4, i))).permute(2, 0, 1).float()
+                          for i in (1, 2)]) / 127.5 - 1
+    canonical = torch.from_numpy(render(100_008, 70, size=256)).permute(2, 0, 1).float() / 127.5 - 1
+    with torch.no_grad():
+        ages = load_world_dex().predict_age(photos)
+    old = next(r for r in res["rows"] if r["model"] == "truth" and r["target_age"] == 70)
+    assert old["age_pred_mean"] == pytest.approx(float(ages.mean()), abs=1e-3)
+    assert old["age_mae"] == pytest.approx(float((ages - 70).abs().mean()), abs=1e-3)
+    assert old["in_window"] == float(((ages >= 44) & (ages <= 46)).float().mean())
+    assert old["gt_l2"] == pytest.approx(float(((photos - canonical) ** 2).mean()), rel=1e-4)
+    assert res["mean_truth"]["lpips"] == pytest.approx((own["lpips"] + old["lpips"]) / 2)
+    assert res["meta"]["truth"] is True and "| truth | mean | 2 |" in (tmp_path / "ev" / "metrics.md").read_text()
+
+
+def test_truth_needs_a_world_actor(setup, tmp_path):
+    with pytest.raises(ValueError, match=r"truth=true needs a world actor's folder .* data=.*faces has none"):
+        ev.run_evaluation(_cfg(setup, tmp_path / "ev", "truth=true"))
+    assert not (tmp_path / "ev").exists()
+
+
+def test_photo_index_reads_listed_photos_only():
+    from agingnet.world.truth import photo_index
+
+    actor = {"identity": 100_000, "train": {"21_0.png": 21}, "test": {"40_25.png": 40, "odd.png": 40}}
+    assert photo_index(actor, "any/dir/40_25.png") == 25 and photo_index(actor, "21_0.png") == 0
+    with pytest.raises(ValueError, match=r"dir/40_7\.png: not one of world actor 100000's photos"):
+        photo_index(actor, "dir/40_7.png")
+    with pytest.raises(ValueError, match=r"odd\.png: an actor's photo is named <age>_<index>\.png"):
+        photo_index(actor, "odd.png")

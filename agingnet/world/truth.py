@@ -1,10 +1,14 @@
-"""Ground truth of the aging world for evaluation: which folder is a world actor's, and what that actor truly
-looks like at a target age (the canonical portrait of :func:`agingnet.world.render`, no photo nuisance)."""
+"""Ground truth of the aging world for evaluation: which folder is a world actor's, what that actor truly looks
+like at a target age (the canonical portrait of :func:`agingnet.world.render`, no photo nuisance), and the same
+face photographed like one of the actor's photos (its background, light and shift: what a perfect aging model
+would output for that photo)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,4 +54,26 @@ def batch_truth(identities: Tensor, flipped: Tensor, ages: Tensor, size: int) ->
     return torch.where(flipped.bool().view(-1, 1, 1, 1), out.flip(-1), out).to(ages.device)
 
 
-__all__ = ["batch_truth", "truth_images", "world_actor"]
+def photo_index(actor: dict[str, Any], path: str | os.PathLike) -> int:
+    """The photo index ``idx`` of an actor's image ``{age}_{idx}.png`` (its nuisance stream is ``(seed, idx)``),
+    for a file the actor's ``world.json`` lists; ValueError naming the file otherwise."""
+    name = Path(path).name
+    if not any(name in (actor.get(split) or {}) for split in ("train", "test")):
+        raise ValueError(f"{path}: not one of world actor {actor['identity']}'s photos (its world.json lists "
+                         f"train/ and test/ files only)")
+    try:
+        return int(Path(name).stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"{path}: an actor's photo is named <age>_<index>.png") from None
+
+
+def photo_truth(actor: dict[str, Any], paths: Sequence[str | os.PathLike], ages: Sequence[int], size: int) -> Tensor:
+    """[A,B,3,S,S] in [-1,1]: actor ``actor["identity"]`` at each target age ``ages[a]``, photographed like
+    ``paths[b]`` (the photo's own nuisance, :func:`photo_index`)."""
+    ident, seed = int(actor["identity"]), int(actor.get("seed", 0))
+    idx = [photo_index(actor, p) for p in paths]
+    imgs = np.stack([np.stack([render(ident, float(a), size=size, photo=(seed, i)) for i in idx]) for a in ages])
+    return from_uint8(imgs)
+
+
+__all__ = ["batch_truth", "photo_index", "photo_truth", "truth_images", "world_actor"]
