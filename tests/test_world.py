@@ -270,7 +270,8 @@ def test_pretrain_writes_loadable_networks_through_a_real_fit(tmp_path):
 @pytest.mark.slow
 def test_pretrain_quick_improves_both_networks(tmp_path):
     """``pretrain --quick`` (≤ 3 min on 2 cores): held-out age MAE falls, verification rises and the global aging
-    model's ground-truth error on held-out actors falls; its file loads through the real loader."""
+    model's ground-truth error on held-out actors falls after its two runs; its file loads through the real
+    loader."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "agingnet.world", "pretrain", "--quick", "--out", str(tmp_path)],
                    env=env, check=True, capture_output=True, timeout=600)
@@ -280,6 +281,7 @@ def test_pretrain_quick_improves_both_networks(tmp_path):
         "heldout_verification_before"]
     sam = m["sam.pt"]["metrics"]
     assert sam["gt_l2"] < sam["before"]["gt_l2"]
+    assert set(sam["run_wall_s"]) == {"world_global", "world_global_age"}  # both stages ran
     from agingnet.pretrained import load_aging_model
 
     assert load_aging_model(tmp_path / "sam.pt").decoder.size == 256

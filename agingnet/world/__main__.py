@@ -50,8 +50,8 @@ def make_parser() -> argparse.ArgumentParser:
                                                                            "keeps the others' entries)")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     t.add_argument("--from-run", default=None, help="ship the global model of this finished "
-                                                    "`python -m agingnet.train experiment=world_global` run folder "
-                                                    "instead of training it (with --only sam)")
+                                                    "`python -m agingnet.train experiment=world_global_age` run "
+                                                    "folder (the second stage) instead of training it (--only sam)")
     return p
 
 
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agingnet.world.weights import WEIGHTS_DIR
 
             if args.from_run and args.only != "sam":
-                raise ValueError("--from-run ships a world_global run: use it with --only sam")
+                raise ValueError("--from-run ships a world_global_age run: use it with --only sam")
             if args.threads is not None:
                 torch.set_num_threads(args.threads)
             out = args.out or ("outputs/world_quick" if args.quick else WEIGHTS_DIR)

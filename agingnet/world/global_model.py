@@ -1,9 +1,11 @@
 """The world's global aging model in SAM's layout (``weights/sam.pt``): trained, measured, shipped.
 
-Training is the project's own entry point, ``python -m agingnet.train experiment=world_global`` (stage ``world``:
-age encoder, pSp encoder and decoder from scratch, paired ground-truth term). :func:`measure_global` judges a
-model on held-out actors (identities ≥ 100001, never drawn in training; 100000 is the demo's actor): one photo
-per actor at a random age, aged to each target age, and reports
+Training is the project's own entry point in two runs: ``python -m agingnet.train experiment=world_global``
+(stage ``world``: age encoder, pSp encoder and decoder from scratch, paired ground-truth term), then
+``experiment=world_global_age`` from its last export (SAM's aging and identity terms added).
+
+:func:`measure_global` judges a model on held-out actors (identities ≥ 100001, never drawn in training; 100000
+is the demo's actor): one photo per actor at a random age, aged to each target age, and reports
 
 * ``age_mae``: |DEX(output) − target| in years, with the world DEX (overall and per target);
 * ``gt_l2``: MSE on [-1, 1] between the output and the actor rendered at the target age (the canonical portrait);
@@ -18,7 +20,7 @@ ignores (:func:`normalize_style_scales`, exact).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,14 @@ from agingnet.world.truth import batch_truth
 
 HELD_OUT_ACTORS = tuple(range(ACTOR_BASE + 1, ACTOR_BASE + 17))
 TARGETS = (20, 30, 40, 50, 60, 70)
-#: ``--quick``: a short run that shows the pipeline learns (ground-truth error falls), not the goals
+#: ``--quick``: short runs of both stages that show the pipeline learns (ground-truth error falls), not the goals
 QUICK_OVERRIDES = ("trainer.max_steps=40", "data.batch_size=2", "val_interval=20", "image_interval=20",
                    "callbacks.fork_export.every_n_steps=20", "model.scheduler.warmup_steps=5", "logger=none",
                    "callbacks.lr_monitor=null")
+QUICK_AGE_OVERRIDES = ("trainer.max_steps=10", "data.batch_size=2", "val_interval=10", "image_interval=10",
+                       "callbacks.fork_export.every_n_steps=10", "model.scheduler.warmup_steps=2", "logger=none",
+                       "callbacks.lr_monitor=null")
+STAGES = ("world_global", "world_global_age")  # the experiments that train the global model, in order
 
 
 @torch.no_grad()
@@ -73,18 +79,26 @@ def measure_global(net: AgingNet, frozen: FrozenNets, actors: Sequence[int] = HE
             "actors": [int(actors[0]), int(actors[-1])], "targets": [int(t) for t in targets], "per_target": per}
 
 
-def train_global(workdir: str | Path, seed: int = 0, overrides: Sequence[str] = ()) -> Path:
-    """Run ``experiment=world_global`` (plus ``overrides``, e.g. :data:`QUICK_OVERRIDES`) in ``workdir/run`` and
-    return its last SAM-layout export."""
+def train_global(workdir: str | Path, seed: int = 0, overrides: Sequence[str] = (),
+                 age_overrides: Sequence[str] = (), nets: Mapping[str, str | Path] | None = None) -> Path:
+    """Run both stages (:data:`STAGES`) in ``workdir/<experiment>``: ``experiment=world_global`` (plus
+    ``overrides``, e.g. :data:`QUICK_OVERRIDES`), then ``experiment=world_global_age`` from its last export (plus
+    ``age_overrides``); return the second run's last SAM-layout export. ``nets``: the world DEX and identity
+    network files the runs judge with (``{"dex": …, "arcface": …}``; default the package's)."""
     from agingnet.config import compose_config
     from agingnet.train import train
 
-    cfg = compose_config(["experiment=world_global", f"seed={seed}", *overrides], output_dir=Path(workdir) / "run")
-    result = train(cfg)
-    path = Path(result["output_dir"]) / "checkpoints" / "phase3_last.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the world_global run wrote no final export")
-    return path
+    judges = [f"model.weights.{k}={v}" for k, v in (nets or {}).items()]
+    last: Path | None = None
+    for name, extra in zip(STAGES, (overrides, age_overrides)):
+        init = [f"init_from={last}"] if last is not None else []
+        cfg = compose_config([f"experiment={name}", f"seed={seed}", *init, *judges, *extra],
+                             output_dir=Path(workdir) / name)
+        result = train(cfg)
+        last = Path(result["output_dir"]) / "checkpoints" / "phase3_last.pt"
+        if not last.is_file():
+            raise FileNotFoundError(f"{last}: the {name} run wrote no final export")
+    return last
 
 
 def scale_free_styles(net: AgingNet) -> dict[int, torch.nn.Module]:

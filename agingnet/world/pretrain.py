@@ -5,9 +5,10 @@
 * IR-SE layout identity network (``weights/arcface.pth``): CosFace on the training identities; measured:
   verification accuracy on held-out identities, pairs ≥ 20 years apart (threshold chosen on one half of the
   held-out identities, accuracy on the other half).
-* SAM layout global aging model (``weights/sam.pt``): ``python -m agingnet.train experiment=world_global``
-  (:mod:`agingnet.world.global_model`); measured on held-out actors: output age MAE with the world DEX at
-  targets 20–70, ground-truth error, identity cosine — before (the run's random initialisation) and after.
+* SAM layout global aging model (``weights/sam.pt``): ``python -m agingnet.train experiment=world_global``, then
+  ``experiment=world_global_age`` from its last export (:mod:`agingnet.world.global_model`); measured on held-out
+  actors: output age MAE with the world DEX at targets 20–70, ground-truth error, identity cosine — before (the
+  run's random initialisation) and after.
 
 Training identities are ``[0, n)``, held-out identities start at :data:`HELD_OUT_BASE` (both < 100000: actors
 are never seen). Every photo is rendered at 256 px and fed exactly as the project feeds the frozen networks:
@@ -40,7 +41,14 @@ from agingnet.losses.base import ID_CROP, FrozenNets
 from agingnet.nn.dex import DEX
 from agingnet.nn.irse import IRSEBackbone
 from agingnet.viz import from_uint8
-from agingnet.world.global_model import QUICK_OVERRIDES, measure_global, ship_global, train_global
+from agingnet.world.global_model import (
+    QUICK_AGE_OVERRIDES,
+    QUICK_OVERRIDES,
+    STAGES,
+    measure_global,
+    ship_global,
+    train_global,
+)
 from agingnet.world.render import RENDERER_VERSION, render
 from agingnet.world.weights import FILES, WEIGHTS_DIR
 
@@ -64,11 +72,12 @@ class Plan:
     min_age: int = 10
     max_age: int = 85
     global_overrides: tuple[str, ...] = ()  # of experiment=world_global
+    global_age_overrides: tuple[str, ...] = ()  # of experiment=world_global_age
 
 
 FULL = Plan(n_ids=1000, photos=6, n_eval_ids=80, eval_photos=5, dex_epochs=20, id_epochs=6)
 QUICK = Plan(n_ids=60, photos=4, n_eval_ids=24, eval_photos=4, dex_epochs=6, id_epochs=3,
-             global_overrides=QUICK_OVERRIDES)
+             global_overrides=QUICK_OVERRIDES, global_age_overrides=QUICK_AGE_OVERRIDES)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -276,9 +285,9 @@ def _train_arcface(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor], see
 
 
 def _train_sam(plan: Plan, out: Path, seed: int, from_run: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """experiment=world_global (or the finished run ``from_run`` of it), measured before/after on held-out actors
-    with the world DEX and identity network in ``out`` (the ones just trained, else the package's). Returns (the
-    shipped file, metrics measured on it)."""
+    """The global model's two runs (or the finished run ``from_run``: its last export is shipped), measured
+    before/after on held-out actors with the world DEX and identity network in ``out`` (the ones just trained,
+    else the package's). Returns (the shipped file, metrics measured on it)."""
     from agingnet.config import compose_config
     from agingnet.models import build_aging_net
     from agingnet.pretrained import load_aging_model, load_arcface, load_dex
@@ -291,25 +300,51 @@ def _train_sam(plan: Plan, out: Path, seed: int, from_run: Path | None = None) -
     net_cfg = compose_config(["experiment=world_global"]).model.net
     before = measure_global(build_aging_net(**{k: v for k, v in net_cfg.items() if k != "_target_"}), frozen,
                             seed=seed)  # the run's own random initialisation (build_aging_net is seeded)
+    runs: list[Path] = []
     if from_run is None:
-        last = train_global(out / ".world_global_run", seed=seed, overrides=plan.global_overrides)
+        last = train_global(out / ".world_global_run", seed=seed, overrides=plan.global_overrides,
+                            age_overrides=plan.global_age_overrides,
+                            nets={name: world_net(name) for name in ("dex", "arcface")})
+        runs = [out / ".world_global_run" / name for name in STAGES]
     else:
         last = Path(from_run) / "checkpoints" / "phase3_last.pt"
         if not last.is_file():
-            raise FileNotFoundError(f"{last}: --from-run needs a finished experiment=world_global run folder")
+            raise FileNotFoundError(f"{last}: --from-run needs a finished run folder of experiment="
+                                    f"{' or '.join(STAGES)}")
+        runs = [Path(from_run)]
+    provenance = _run_provenance(runs[-1])  # read before shipping: the run may have started from the old file
     shipped = ship_global(load_aging_model(last), out / FILES["sam"], opts={"exp_dir": "world_global"})
     after = measure_global(load_aging_model(shipped), frozen, seed=seed)  # the file as users get it
-    run = last.parent.parent  # the run folder: config.yaml is written when it starts, the last export when it ends
+    # a run folder's config.yaml is written when it starts, its last export when it ends
+    walls = {r.name: round((r / "checkpoints" / "phase3_last.pt").stat().st_mtime - (r / "config.yaml").stat().st_mtime,
+                           1) for r in runs}
     metrics = {**after, "before": {k: before[k] for k in ("age_mae", "gt_l2", "id_cos")}, "goal_age_mae": 5.0,
-               "trained_by": "python -m agingnet.train experiment=world_global",
-               "run_wall_s": round(last.stat().st_mtime - (run / "config.yaml").stat().st_mtime, 1)}
+               "trained_by": " then ".join(f"python -m agingnet.train experiment={s}" for s in STAGES),
+               "run_wall_s": walls, **provenance}
     return shipped, metrics
+
+
+def _run_provenance(run: Path) -> dict[str, Any]:
+    """What a run folder says of itself: its command line (Hydra's ``.hydra/overrides.yaml``) and the file it
+    started from (name and sha256 only: no machine paths in the manifest)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    overrides = run / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        args = [a for a in yaml.safe_load(overrides.read_text()) or [] if not a.startswith("hydra.")]
+        out["run_command"] = " ".join(["python -m agingnet.train", *args])
+    init = yaml.safe_load((run / "config.yaml").read_text()).get("init_from")
+    if init and Path(init).is_file():
+        out["run_init_from"] = {"file": Path(init).name, "sha256": _sha256(Path(init))}
+    return out
 
 
 def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, command: str | None = None,
              nets: tuple[str, ...] = NETS, sam_from_run: str | Path | None = None) -> dict[str, Any]:
     """Render, train ``nets``, measure them on held-out identities, write weights + manifest atomically.
-    ``sam_from_run``: ship the global model of a finished ``experiment=world_global`` run instead of training it.
+    ``sam_from_run``: ship the global model of a finished run (``experiment=world_global_age``, the second stage)
+    instead of training it.
 
     The manifest keeps the entries of networks not trained in this call (same renderer version only).
     """
@@ -347,7 +382,8 @@ def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, co
             arch = ID_ARCH
         else:
             path, metrics = _train_sam(plan, out, seed, sam_from_run)
-            arch = {"source": "experiment=world_global", "dtype": "float16 (float32 where float16 is not exact)"}
+            arch = {"source": "experiment=world_global, then experiment=world_global_age",
+                    "dtype": "float16 (float32 where float16 is not exact)"}
             shutil.rmtree(out / ".world_global_run", ignore_errors=True)
         entries[FILES[name]] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "arch": arch,
                                 "metrics": metrics, "train_s": round(time.perf_counter() - t1, 1), **common}
