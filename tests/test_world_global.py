@@ -71,9 +71,11 @@ def test_world_stage_with_a_cycle_runs_two_passes(tmp_path, monkeypatch):
 
 def test_second_stage_continues_a_model_with_sams_aging_and_identity_terms(tmp_path):
     """experiment=world_global_age: the ground-truth term plus SAM's aging and identity terms (the world DEX and
-    identity network), starting from the shipped global model."""
+    identity network), starting from the model given as init_from (here the shipped one stands in for a first
+    stage's export)."""
     snap = _Snapshot()
-    cfg = compose_config(["experiment=world_global_age", *FAST[1:]], output_dir=tmp_path / "run")
+    cfg = compose_config(["experiment=world_global_age", *FAST[1:], f"init_from={world_weights.weight_path('sam')}"],
+                         output_dir=tmp_path / "run")
     train(cfg, extra_callbacks=[snap])
     shipped = torch.load(world_weights.weight_path("sam"), map_location="cpu", weights_only=True)["state_dict"]
     start = snap.before["decoder.conv1.conv.weight"]
@@ -116,16 +118,16 @@ def test_shipped_global_model_loads_in_sam_layout_as_float32(shipped):
 
 
 def test_shipped_global_model_ages_unseen_actors(shipped):
-    """Aged to 25 and to 70 from a photo at 40: the world DEX reads older faces at 70, the output is nearer the true
-    aged face than the input is, and each output is nearer its own input's identity than the other actors'."""
+    """Aged to 25 and to 70 from a photo at 40: the world DEX reads each target within the goal's 5 years on
+    average, the output is nearer the true aged face than the input is, and each output is nearer its own input's
+    identity than the other actors'."""
     net, dex, arc = shipped
     x = torch.stack([_img(i, 40, photo=(5, k)) for k, i in enumerate(HELD_OUT)])
     young, old = _age(net, x, 25), _age(net, x, 70)
     with torch.no_grad():
-        gap = dex.predict_age(old) - dex.predict_age(young)
-    # the shipped model is under-trained: its ages are compressed (about 30 → 46 for targets 20 → 70, README), so
-    # this asks for the direction on average, which a random network does not have
-    assert gap.mean() > 5, gap
+        read_young, read_old = dex.predict_age(young), dex.predict_age(old)
+    # measured on these six actors: MAE 1.6 y at 25, 2.5 y at 70 (the stage-1 model read ~30 and ~46 here)
+    assert (read_young - 25).abs().mean() <= 5 and (read_old - 70).abs().mean() <= 5, (read_young, read_old)
     truth = torch.stack([_img(i, 70) for i in HELD_OUT])
     assert F.mse_loss(old, truth) < 0.8 * F.mse_loss(x, truth)
 
