@@ -184,6 +184,11 @@ def _window(value: Any) -> tuple[float, float] | None:
     return lo, hi
 
 
+def _in_size(net: nn.Module | None, actor: dict[str, Any] | None) -> int:
+    """The image size a model is fed (its encoder's), or the world actor's photo size for the truth rows."""
+    return int(getattr(net.encoder, "input_size", 256)) if net is not None else int((actor or {}).get("size", 256))
+
+
 def _mean_std(v: Tensor) -> tuple[float, float]:
     return float(v.mean()), float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
 
@@ -199,7 +204,7 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module | None, label: str, files: l
     ages = _age_list(cfg.target_ages)
     bs = int(cfg.get("batch_size", 8))
     strength, strict = strength_arg(cfg), bool(cfg.get("strict_pose", False))
-    in_size = int(getattr(net.encoder, "input_size", 256)) if net is not None else int(actor.get("size", 256))
+    in_size = _in_size(net, actor)
     skipped: list[dict[str, str]] = []
     kept: list[Path] = []
     keys = ("pred", "cos", "lpips", "a_in") + (("gt_l2", "gt_ssim") if truth is not None else ())
@@ -298,12 +303,15 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
     base = _baseline_path(cfg.get("baseline"))
     if base is not None:
         models["baseline"] = base
-    if cfg.get("truth", False) and actor is None:
+    want_truth = cfg.get("truth", False)
+    if not isinstance(want_truth, bool):
+        raise ValueError(f"truth must be true or false, got {want_truth!r}")
+    if want_truth and actor is None:
         raise ValueError(f"truth=true needs a world actor's folder (a world.json written by 'python -m agingnet.world "
                          f"actor'), and data={cfg.data_dir} has none")
     loaded: dict[str, nn.Module | None] = {label: load_model(path, cfg.get("use_ema", "auto"), device)
                                            for label, path in models.items()}
-    if cfg.get("truth", False):
+    if want_truth:
         loaded["truth"] = None
     nets, used = build_frozen(cfg, device, world=_use_world_nets(cfg, actor))
     s_id = nets.id_input_size
@@ -313,7 +321,7 @@ def run_evaluation(cfg: DictConfig | dict) -> dict[str, Any]:
     infos: dict[str, dict[str, Any]] = {}
     truths: dict[int, Tensor] = {}
     for label, net in loaded.items():
-        size = int(getattr(net.encoder, "input_size", 256)) if net is not None else int(actor.get("size", 256))
+        size = _in_size(net, actor)
         truth = None
         if actor is not None:
             if size not in truths:

@@ -286,6 +286,8 @@ def test_truth_rows_score_the_actors_true_face_in_each_photos_light(setup, tmp_p
 def test_truth_needs_a_world_actor(setup, tmp_path):
     with pytest.raises(ValueError, match=r"truth=true needs a world actor's folder .* data=.*faces has none"):
         ev.run_evaluation(_cfg(setup, tmp_path / "ev", "truth=true"))
+    with pytest.raises(ValueError, match=r"truth must be true or false, got 'yes'"):
+        ev.run_evaluation(_cfg(setup, tmp_path / "ev", "truth=yes"))
     assert not (tmp_path / "ev").exists()
 
 
