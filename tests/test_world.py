@@ -267,6 +267,26 @@ def test_pretrain_writes_loadable_networks_through_a_real_fit(tmp_path):
     assert set(man["files"]["arcface.pth"]["metrics"]) >= {"heldout_verification", "threshold"}
 
 
+def test_run_provenance_names_the_start_file_and_distrusts_one_changed_since(tmp_path):
+    import yaml
+
+    from agingnet.world import pretrain as pt
+
+    start = tmp_path / "sam.pt"
+    start.write_bytes(b"stage one")
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment=world_global_age", "hydra.run.dir=X"]))
+    (run / "config.yaml").write_text(yaml.safe_dump({"init_from": str(start)}))
+    os.utime(start, (1_000_000, 1_000_000))  # written before the run started
+    prov = pt._run_provenance(run)
+    assert prov == {"run_command": "python -m agingnet.train experiment=world_global_age",
+                    "run_init_from": {"file": "sam.pt", "sha256": hashlib.sha256(b"stage one").hexdigest()}}
+    start.write_bytes(b"stage two")  # replaced after the run started (shipping the run itself does this)
+    assert pt._run_provenance(run)["run_init_from"] == {"file": "sam.pt", "sha256": None,
+                                                       "changed_since_run_start": True}
+
+
 @pytest.mark.slow
 def test_pretrain_quick_improves_both_networks(tmp_path):
     """``pretrain --quick`` (≤ 3 min on 2 cores): held-out age MAE falls, verification rises and the global aging

@@ -326,7 +326,9 @@ def _train_sam(plan: Plan, out: Path, seed: int, from_run: Path | None = None) -
 
 def _run_provenance(run: Path) -> dict[str, Any]:
     """What a run folder says of itself: its command line (Hydra's ``.hydra/overrides.yaml``) and the file it
-    started from (name and sha256 only: no machine paths in the manifest)."""
+    started from (name and sha256 only: no machine paths in the manifest). A file changed since the run started
+    (e.g. ``sam.pt``, which shipping this run replaces) no longer tells what the run started from: its sha256 is
+    then ``None``, with ``changed_since_run_start``."""
     import yaml
 
     out: dict[str, Any] = {}
@@ -336,7 +338,10 @@ def _run_provenance(run: Path) -> dict[str, Any]:
         out["run_command"] = " ".join(["python -m agingnet.train", *args])
     init = yaml.safe_load((run / "config.yaml").read_text()).get("init_from")
     if init and Path(init).is_file():
-        out["run_init_from"] = {"file": Path(init).name, "sha256": _sha256(Path(init))}
+        changed = Path(init).stat().st_mtime > (run / "config.yaml").stat().st_mtime
+        out["run_init_from"] = {"file": Path(init).name, "sha256": None if changed else _sha256(Path(init))}
+        if changed:
+            out["run_init_from"]["changed_since_run_start"] = True
     return out
 
 
