@@ -38,13 +38,18 @@ from agingnet.world.truth import batch_truth
 
 HELD_OUT_ACTORS = tuple(range(ACTOR_BASE + 1, ACTOR_BASE + 17))
 TARGETS = (20, 30, 40, 50, 60, 70)
+
+
+def _quick(steps: int, every: int, warmup: int) -> tuple[str, ...]:
+    """Overrides of a ``--quick`` run: ``steps`` steps of batch 2, validation/images/exports every ``every``."""
+    return (f"trainer.max_steps={steps}", "data.batch_size=2", f"val_interval={every}", f"image_interval={every}",
+            f"callbacks.fork_export.every_n_steps={every}", f"model.scheduler.warmup_steps={warmup}", "logger=none",
+            "callbacks.lr_monitor=null")
+
+
 #: ``--quick``: short runs of both stages that show the pipeline learns (ground-truth error falls), not the goals
-QUICK_OVERRIDES = ("trainer.max_steps=40", "data.batch_size=2", "val_interval=20", "image_interval=20",
-                   "callbacks.fork_export.every_n_steps=20", "model.scheduler.warmup_steps=5", "logger=none",
-                   "callbacks.lr_monitor=null")
-QUICK_AGE_OVERRIDES = ("trainer.max_steps=10", "data.batch_size=2", "val_interval=10", "image_interval=10",
-                       "callbacks.fork_export.every_n_steps=10", "model.scheduler.warmup_steps=2", "logger=none",
-                       "callbacks.lr_monitor=null")
+QUICK_OVERRIDES = _quick(40, 20, 5)
+QUICK_AGE_OVERRIDES = _quick(10, 10, 2)
 STAGES = ("world_global", "world_global_age")  # the experiments that train the global model, in order
 
 
