@@ -265,6 +265,11 @@ def test_pretrain_writes_loadable_networks_through_a_real_fit(tmp_path):
     assert dex.input_size == pt.DEX_ARCH["input_size"] and arc.input_size == 112
     assert man["files"]["dex.pth"]["sha256"] == hashlib.sha256((tmp_path / "dex.pth").read_bytes()).hexdigest()
     assert set(man["files"]["arcface.pth"]["metrics"]) >= {"heldout_verification", "threshold"}
+    for name in ("dex.pth", "arcface.pth"):  # trained channels-last, shipped in the standard (contiguous) layout
+        sd = torch.load(tmp_path / name, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)  # DEX's published file nests it
+        convs = [k for k, v in sd.items() if v.ndim == 4 and v.shape[-1] > 1]
+        assert convs and all(sd[k].is_contiguous() for k in convs), name
 
 
 def test_run_provenance_names_the_start_file_and_distrusts_one_changed_since(tmp_path):

@@ -114,6 +114,12 @@ def _from_u8(x: Tensor) -> Tensor:
     return x.float().div(127.5).sub(1)
 
 
+def _nhwc(x: Tensor) -> Tensor:
+    """Channels-last input: with the networks' weights channels-last too, an epoch on 2 CPU cores is a quarter
+    (identity) to a third (DEX) faster (docs/BENCHMARKS.md, "pretrain"); the shipped files are written contiguous."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def _flip_half(x: Tensor) -> Tensor:
     """Horizontal flip of a random half of the batch (the data module's train flip), without a Python loop."""
     m = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
@@ -136,12 +142,13 @@ class DexTask(L.LightningModule):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+        self.net.to(memory_format=torch.channels_last)
         self.lr, self.sigma = lr, sigma
         self.val_mae = MeanAbsoluteError()
 
     def training_step(self, batch, _):
         x, age = batch
-        logits = self.net(_flip_half(_from_u8(x)))
+        logits = self.net(_nhwc(_flip_half(_from_u8(x))))
         grid = self.net.age_values
         target = torch.softmax(-0.5 * ((grid[None] - age[:, None]) / self.sigma) ** 2, dim=1)
         ce = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
@@ -175,11 +182,12 @@ class IdTask(L.LightningModule):
         super().__init__()
         self.net = IRSEBackbone(drop_ratio=0.1, **ID_ARCH)
         self.head = nn.Parameter(torch.randn(n_classes, ID_ARCH["embed_dim"]) * 0.01)
+        self.net.to(memory_format=torch.channels_last)
         self.lr, self.s, self.m = lr, s, m
 
     def training_step(self, batch, _):
         x, y = batch
-        cos = self.net(_flip_half(_from_u8(x))) @ F.normalize(self.head, dim=1).T
+        cos = self.net(_nhwc(_flip_half(_from_u8(x)))) @ F.normalize(self.head, dim=1).T
         logits = self.s * (cos - self.m * F.one_hot(y, cos.shape[1]))
         loss = F.cross_entropy(logits, y)
         self.log("train_loss", loss, prog_bar=True)
@@ -266,8 +274,9 @@ def _train_dex(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor]) -> tupl
     before = trainer.validate(task, vl, verbose=False)[0]["val_mae"]
     trainer.fit(task, dl, vl)
     after = trainer.validate(task, vl, verbose=False)[0]["val_mae"]
-    return task.net, {"heldout_mae_before": round(float(before), 3), "heldout_mae": round(float(after), 3),
-                      "heldout_ages": [18, 75], "heldout_photos": len(ev["age"]), "goal_mae": 3.0}
+    net = task.net.to(memory_format=torch.contiguous_format)  # the shipped file in the standard layout
+    return net, {"heldout_mae_before": round(float(before), 3), "heldout_mae": round(float(after), 3),
+                 "heldout_ages": [18, 75], "heldout_photos": len(ev["age"]), "goal_mae": 3.0}
 
 
 def _train_arcface(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor], seed: int
@@ -278,10 +287,11 @@ def _train_arcface(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor], see
     before = verification_accuracy(embed(task.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
     _trainer(plan.id_epochs).fit(task, dl)
     after = verification_accuracy(embed(task.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
-    return task.net, {"heldout_verification_before": round(before["verification_acc"], 4),
-                      "heldout_verification": round(after["verification_acc"], 4),
-                      "threshold": round(after["threshold"], 4), "pairs_same": after["pairs_same"],
-                      "pairs_diff": after["pairs_diff"], "min_age_gap": MIN_GAP, "goal_verification": 0.95}
+    net = task.net.to(memory_format=torch.contiguous_format)
+    return net, {"heldout_verification_before": round(before["verification_acc"], 4),
+                 "heldout_verification": round(after["verification_acc"], 4),
+                 "threshold": round(after["threshold"], 4), "pairs_same": after["pairs_same"],
+                 "pairs_diff": after["pairs_diff"], "min_age_gap": MIN_GAP, "goal_verification": 0.95}
 
 
 def _train_sam(plan: Plan, out: Path, seed: int, from_run: Path | None = None) -> tuple[Path, dict[str, Any]]:
