@@ -125,7 +125,7 @@ def test_demo_full(tmp_path):
     mine, base = m["mean"], m["mean_baseline"]
     assert mine["age_mae"] <= 3.0, mine
     assert mine["id_cos"] >= base["id_cos"], (mine, base)
-    # measured: 8-9 % below the base (the seed's l2_crop 0.5 with random noise gave 2 %); the goal is 10 %
+    # measured 9.1 % below the base (the seed's l2_crop 0.5 with random noise: 2.2 %, which fails); the goal is 10 %
     assert mine["gt_l2"] <= 0.95 * base["gt_l2"], (mine["gt_l2"], base["gt_l2"])
 
 

@@ -120,6 +120,11 @@ def _nhwc(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _shipped_state(net: nn.Module) -> dict[str, Tensor]:
+    """The network's weights as shipped: copies in the standard (contiguous) layout, whatever it trained in."""
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in net.state_dict().items()}
+
+
 def _flip_half(x: Tensor) -> Tensor:
     """Horizontal flip of a random half of the batch (the data module's train flip), without a Python loop."""
     m = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
@@ -274,9 +279,8 @@ def _train_dex(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor]) -> tupl
     before = trainer.validate(task, vl, verbose=False)[0]["val_mae"]
     trainer.fit(task, dl, vl)
     after = trainer.validate(task, vl, verbose=False)[0]["val_mae"]
-    net = task.net.to(memory_format=torch.contiguous_format)  # the shipped file in the standard layout
-    return net, {"heldout_mae_before": round(float(before), 3), "heldout_mae": round(float(after), 3),
-                 "heldout_ages": [18, 75], "heldout_photos": len(ev["age"]), "goal_mae": 3.0}
+    return task.net, {"heldout_mae_before": round(float(before), 3), "heldout_mae": round(float(after), 3),
+                      "heldout_ages": [18, 75], "heldout_photos": len(ev["age"]), "goal_mae": 3.0}
 
 
 def _train_arcface(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor], seed: int
@@ -287,11 +291,10 @@ def _train_arcface(plan: Plan, tr: dict[str, Tensor], ev: dict[str, Tensor], see
     before = verification_accuracy(embed(task.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
     _trainer(plan.id_epochs).fit(task, dl)
     after = verification_accuracy(embed(task.net, ev["face"]), ev["identity"], ev["age"], seed=seed)
-    net = task.net.to(memory_format=torch.contiguous_format)
-    return net, {"heldout_verification_before": round(before["verification_acc"], 4),
-                 "heldout_verification": round(after["verification_acc"], 4),
-                 "threshold": round(after["threshold"], 4), "pairs_same": after["pairs_same"],
-                 "pairs_diff": after["pairs_diff"], "min_age_gap": MIN_GAP, "goal_verification": 0.95}
+    return task.net, {"heldout_verification_before": round(before["verification_acc"], 4),
+                      "heldout_verification": round(after["verification_acc"], 4),
+                      "threshold": round(after["threshold"], 4), "pairs_same": after["pairs_same"],
+                      "pairs_diff": after["pairs_diff"], "min_age_gap": MIN_GAP, "goal_verification": 0.95}
 
 
 def _train_sam(plan: Plan, out: Path, seed: int, from_run: Path | None = None) -> tuple[Path, dict[str, Any]]:
@@ -388,12 +391,11 @@ def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, co
         t1 = time.perf_counter()
         if name == "dex":
             net, metrics = _train_dex(plan, tr, ev)
-            path = atomic_torch_save({"state_dict": {k: v.clone() for k, v in net.state_dict().items()}},
-                                     out / FILES[name])
+            path = atomic_torch_save({"state_dict": _shipped_state(net)}, out / FILES[name])
             arch: dict[str, Any] = DEX_ARCH
         elif name == "arcface":
             net, metrics = _train_arcface(plan, tr, ev, seed)
-            path = atomic_torch_save({k: v.clone() for k, v in net.state_dict().items()}, out / FILES[name])
+            path = atomic_torch_save(_shipped_state(net), out / FILES[name])
             arch = ID_ARCH
         else:
             path, metrics = _train_sam(plan, out, seed, sam_from_run)
