@@ -103,7 +103,7 @@ def test_cli_unknown_key_is_one_clear_error(tmp_path):
 def test_demo_full(tmp_path):
     """The demo as a user runs it (the world's global model personalized to actor 100000 at 40 ± 2): it writes the
     actor and the world bank, its run passes the two health checks and the seed's five acceptance criteria, and on
-    the actor's held-out photos it beats the global model it started from (issue 10's goals, gt_l2 relaxed)."""
+    the actor's held-out photos it beats the global model it started from (issue 10's three goals)."""
     from agingnet.report import criteria, health_checks, load_run
 
     run = tmp_path / "run"
@@ -125,8 +125,8 @@ def test_demo_full(tmp_path):
     mine, base = m["mean"], m["mean_baseline"]
     assert mine["age_mae"] <= 3.0, mine
     assert mine["id_cos"] >= base["id_cos"], (mine, base)
-    # measured 9.1 % below the base (the seed's l2_crop 0.5 with random noise: 2.2 %, which fails); the goal is 10 %
-    assert mine["gt_l2"] <= 0.95 * base["gt_l2"], (mine["gt_l2"], base["gt_l2"])
+    # the goal, 10 % below the base: measured 11.2 % (the previous demo, whole-image l2 at the seed's 0.1: 9.1 %, fails)
+    assert mine["gt_l2"] <= 0.90 * base["gt_l2"], (mine["gt_l2"], base["gt_l2"])
 
 
 def test_channels_last_and_bf16_autocast_run(tmp_path, monkeypatch):
