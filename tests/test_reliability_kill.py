@@ -71,14 +71,14 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def _skip_unless_prefix_agrees(ref: Path, run: Path) -> None:
-    """The first validation (step 3) comes before every kill point: when the two runs already differ there, the
-    machine computed two uninterrupted runs differently (seen once in CI: floats off in the 7th digit and a
-    discrete ROI count 2.67 vs 2.33 at step 3), and the resume cannot be judged bit for bit."""
+    """The first validation (step 3) comes before every kill point: when the two runs already differ there, two
+    uninterrupted runs were computed differently (seen in CI: floats off in the 7th digit and a discrete ROI count
+    2.67 vs 2.33 at step 3; the cause is not found), and the resume cannot be judged bit for bit."""
     a, b = _metrics(ref), _metrics(run)
     if a[:1] != b[:1]:
         diff = sorted(k for k in a[0] if a[0].get(k) != b[0].get(k)) if a and b else ["(missing)"]
-        pytest.skip(f"the runs differ before the kill point (step 3: {diff[:4]}): nondeterministic CPU arithmetic "
-                    f"on this machine, not the resume")
+        pytest.skip(f"the runs differ before the kill point (step 3: {diff[:4]}): two uninterrupted runs did not "
+                    f"reproduce, so the resume cannot be judged")
 
 
 def _compare(ref: Path, run: Path) -> None:
