@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from agingnet.data.datasets import to_rgb8
 from agingnet.impostor_bank import MAX_AGE, MIN_AGE, ImpostorBank, default_meta
+from agingnet.io import file_sha256
 from agingnet.viz import from_uint8
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -199,8 +200,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from agingnet.pretrained import load_arcface, load_dex
 
     device = _resolve_device(args.device)
-    nets = FrozenNets(arcface=load_arcface(_net_path(args.arcface, "arcface")),
-                      dex=load_dex(_net_path(args.dex, "dex"))).to(device)
+    files = {"arcface": _net_path(args.arcface, "arcface"), "dex": _net_path(args.dex, "dex")}
+    nets = FrozenNets(arcface=load_arcface(files["arcface"]), dex=load_dex(files["dex"])).to(device)
     paths = list_images(args.images)
     if not paths:
         raise ValueError(f"image folder {args.images} holds no images ({', '.join(IMAGE_EXTS)})")
@@ -212,6 +213,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
                       actor_max_sim=args.actor_max_sim, progress=not args.quiet, device=device,
                       num_workers=args.workers)
     bank.meta["source"] = str(args.images)
+    bank.meta["nets_sha256"] = {k: file_sha256(p) for k, p in files.items()}  # what embedded it: a rebuilt
+    # network makes the bank stale (agingnet.world.run_setup.prepare_bank rebuilds on a mismatch)
     bank.save(args.out)
     print(format_summary(bank, args.out))
     return 0

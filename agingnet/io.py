@@ -6,6 +6,7 @@ temporary file itself: :func:`remove_stale_temporaries` clears them when the nex
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:

@@ -82,6 +82,30 @@ def test_bank_cli_world_networks_read_the_population_ages(tmp_path):
     assert (got - want).abs().mean() <= 3.0, (got, want)
 
 
+def test_a_world_bank_embedded_by_other_networks_is_rebuilt(tmp_path, caplog):
+    """A bank records the sha256 of the networks that embedded it; after the world networks change (``pretrain``),
+    or for a bank from before it recorded them, the run builds it again instead of mining in a stale space."""
+    import hashlib
+
+    from agingnet.world import weights as world_weights
+
+    shipped = {k: hashlib.sha256(world_weights.weight_path(k).read_bytes()).hexdigest() for k in ("arcface", "dex")}
+    cfg = compose_config(["experiment=demo", f"paths.data_dir={tmp_path / 'data'}", *FAST], output_dir=tmp_path / "r")
+    path = world_setup.prepare_bank(cfg)
+    assert torch.load(path, weights_only=True)["meta"]["nets_sha256"] == shipped
+    for stale in ({"arcface": "0" * 64, "dex": shipped["dex"]}, None):  # another identity network; no record
+        obj = torch.load(path, weights_only=True)
+        obj["meta"]["nets_sha256"] = stale
+        if stale is None:
+            del obj["meta"]["nets_sha256"]
+        torch.save(obj, path)
+        with caplog.at_level("WARNING"):
+            assert world_setup.prepare_bank(cfg) == path
+        assert torch.load(path, weights_only=True)["meta"]["nets_sha256"] == shipped
+        assert "embedded by other world networks" in caplog.text
+        caplog.clear()
+
+
 def test_bank_cli_missing_world_weights_name_the_rebuild_command(tmp_path, monkeypatch, capsys):
     from agingnet.world import weights as world_weights
 

@@ -18,7 +18,6 @@ to its input size (:meth:`agingnet.losses.base.FrozenNets.embed_face`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.regression import MeanAbsoluteError
 
-from agingnet.io import atomic_torch_save, atomic_write_json
+from agingnet.io import atomic_torch_save, atomic_write_json, file_sha256
 from agingnet.losses.base import ID_CROP, FrozenNets
 from agingnet.nn.dex import DEX
 from agingnet.nn.irse import IRSEBackbone
@@ -266,10 +265,6 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 NETS = ("dex", "arcface", "sam")
 
 
@@ -354,7 +349,7 @@ def _run_provenance(run: Path) -> dict[str, Any]:
     init = yaml.safe_load((run / "config.yaml").read_text()).get("init_from")
     if init and Path(init).is_file():
         changed = Path(init).stat().st_mtime > (run / "config.yaml").stat().st_mtime
-        out["run_init_from"] = {"file": Path(init).name, "sha256": None if changed else _sha256(Path(init))}
+        out["run_init_from"] = {"file": Path(init).name, "sha256": None if changed else file_sha256(Path(init))}
         if changed:
             out["run_init_from"]["changed_since_run_start"] = True
     return out
@@ -404,7 +399,7 @@ def pretrain(plan: Plan = FULL, out: str | Path = WEIGHTS_DIR, seed: int = 0, co
             arch = {"source": "experiment=world_global, then experiment=world_global_age",
                     "dtype": "float16 (float32 where float16 is not exact)"}
             shutil.rmtree(out / ".world_global_run", ignore_errors=True)
-        entries[FILES[name]] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "arch": arch,
+        entries[FILES[name]] = {"sha256": file_sha256(path), "bytes": path.stat().st_size, "arch": arch,
                                 "metrics": metrics, "train_s": round(time.perf_counter() - t1, 1), **common}
     manifest: dict[str, Any] = {"renderer_version": RENDERER_VERSION, "files": {}}
     old = out / "manifest.json"  # read last: another network may have been trained meanwhile (--only)

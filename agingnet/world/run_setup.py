@@ -5,7 +5,8 @@
   ``world.actor_seed``); the run's ``data.train.root`` / ``data.val.root`` point there.
 * ``world.bank: true``: the world's impostor bank at ``miner.bank_path``, built with the real command line
   (``python -m agingnet.bank build --images POP --arcface world --dex world``) on a world population of
-  ``world.bank_population`` photos written beside it (:func:`agingnet.world.data.write_population`).
+  ``world.bank_population`` photos written beside it (:func:`agingnet.world.data.write_population`), and built
+  again when the world networks it was embedded by are no longer the shipped ones.
 
 Only the first process of a multi-process run writes; the others wait for the folders to appear.
 """
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, open_dict
 
 from agingnet.distributed import is_env_rank_zero
+from agingnet.io import file_sha256
 from agingnet.world.data import read_world_json, write_actor, write_population
 from agingnet.world.render import ACTOR_BASE, check_identity
 
@@ -26,9 +30,10 @@ log = logging.getLogger(__name__)
 WAIT_S = 600  # how long another process waits for rank 0 to write a missing folder
 
 
-def _wait_for(path: Path) -> None:
+def _wait_for(path: Path, ready: Callable[[], bool] | None = None) -> None:
+    """Wait until ``path`` exists (and ``ready()`` holds)."""
     deadline = time.monotonic() + WAIT_S
-    while not path.exists():
+    while not (path.exists() and (ready is None or ready())):
         if time.monotonic() > deadline:
             raise FileNotFoundError(f"{path}: not written by rank 0 within {WAIT_S} s")
         time.sleep(0.5)
@@ -71,17 +76,36 @@ def prepare_actor(cfg: DictConfig) -> Path | None:
     return folder
 
 
+def _world_nets_sha256() -> dict[str, str]:
+    """The sha256 of the world identity and age networks a world bank is built with (``bank.meta.nets_sha256``)."""
+    from agingnet.world.weights import weight_path
+
+    return {k: file_sha256(weight_path(k)) for k in ("arcface", "dex")}
+
+
+def _bank_is_current(path: Path, nets: dict[str, str]) -> bool:
+    if not path.is_file():
+        return False
+    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+    return meta.get("nets_sha256") == nets
+
+
 def prepare_bank(cfg: DictConfig) -> Path | None:
-    """Build the world impostor bank at ``miner.bank_path`` with the bank CLI when it is missing."""
+    """Build the world impostor bank at ``miner.bank_path`` with the bank CLI when it is missing, or when it was
+    embedded by other world networks than today's (e.g. after ``python -m agingnet.world pretrain``, or a bank
+    from before the bank recorded them): a stale bank would mine impostors in another embedding space."""
     world = cfg.get("world") or {}
     if not world.get("bank"):
         return None
     path = Path(cfg.miner.bank_path)
-    if path.is_file():
+    nets = _world_nets_sha256()
+    if _bank_is_current(path, nets):
         return path
     if not is_env_rank_zero():
-        _wait_for(path)
+        _wait_for(path, ready=lambda: _bank_is_current(path, nets))
         return path
+    if path.is_file():
+        log.warning("world bank %s: embedded by other world networks than the shipped ones; rebuilding it", path)
     from agingnet.bank import main as bank_main
 
     pop = path.parent / f"{path.stem}_population"
