@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from test_experiments import check_debug_tiny_config
 
 from agingnet import report
 from agingnet.callbacks.resume import check_resume_compatible
@@ -21,6 +22,8 @@ from agingnet.train import train
 BASE = ["experiment=phase3_oneshot_40", "debug=tiny", "callbacks.progress_bar=null"]
 # the tiny run's patience (2/1) is short; 1/0 makes the plateau line certain within 6 steps
 PLATEAU = ["callbacks.plateau.best_patience=1", "callbacks.plateau.id_patience=0"]
+# last.ckpt every 2 steps: the shared run is also the uninterrupted reference of the exact-resume test (stop at 4)
+EVERY2 = ["callbacks.last_checkpoint.every_n_train_steps=2"]
 
 
 def _train(out: Path, extra=()):
@@ -31,12 +34,15 @@ def _train(out: Path, extra=()):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("p3") / "run"
-    cfg, result = _train(out)
+    cfg, result = _train(out, EVERY2)
     return out, cfg, result
 
 
 def test_files_and_link(run):
+    """Also test_experiments.py's checks of every experiment under debug=tiny, for this one."""
     out, cfg, result = run
+    check_debug_tiny_config(cfg)
+    assert torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
     ck = out / "checkpoints"
     names = {p.name for p in ck.iterdir()}
     assert {"best_model.pt", "phase3_best_ema.pt", "phase3_last.pt", "iteration_3.pt", "iteration_6.pt",
@@ -164,15 +170,14 @@ def _tail_from_step(lines: list[str], step: int) -> list[str]:
 def test_resume_at_a_non_validation_step_is_bit_exact(run, tmp_path):
     """Stopped after step 4 (validation runs at 3 and 6; last.ckpt every 2 steps), resumed from last.ckpt: the
     final weights, EMA shadow, optimizer and scheduler state equal an uninterrupted run's exactly, and so do the
-    run-log lines and metrics.jsonl record of the validation after the resume."""
-    every2 = ["callbacks.last_checkpoint.every_n_train_steps=2"]
-    full_out, half_out, res_out = tmp_path / "full", tmp_path / "half", tmp_path / "resumed"
-    _train(full_out, every2)
-    _, half = _train(half_out, every2 + ["+callbacks.stop._target_=agingnet.callbacks.stop.StopAtStep",
+    run-log lines and metrics.jsonl record of the validation after the resume. The uninterrupted run is the
+    module's shared run (the same overrides)."""
+    full_out, half_out, res_out = run[0], tmp_path / "half", tmp_path / "resumed"
+    _, half = _train(half_out, EVERY2 + ["+callbacks.stop._target_=agingnet.callbacks.stop.StopAtStep",
                                          "+callbacks.stop.step=4"])
     assert half["abs_step"] == 4
     assert torch.load(half_out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    _, resumed = _train(res_out, every2 + [f"resume_from={half_out / 'checkpoints' / 'last.ckpt'}"])
+    _, resumed = _train(res_out, EVERY2 + [f"resume_from={half_out / 'checkpoints' / 'last.ckpt'}"])
     assert resumed["abs_step"] == 6
     a, b = _ckpt_state(full_out / "checkpoints" / "last.ckpt"), _ckpt_state(res_out / "checkpoints" / "last.ckpt")
     assert a["step"] == b["step"] == 6
