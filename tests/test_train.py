@@ -140,10 +140,10 @@ def test_channels_last_and_bf16_autocast_run(tmp_path, monkeypatch):
         return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(AgingModule, "run_passes", probe)
-    cfg = compose_config(["experiment=tiny_synthetic", "trainer.max_steps=2", "val_interval=2", "channels_last=true",
+    cfg = compose_config(["experiment=tiny_synthetic", "trainer.max_steps=1", "val_interval=1", "channels_last=true",
                           "precision=bf16-mixed", "callbacks.image_logger=null"], output_dir=tmp_path / "run")
     result = train(cfg)
-    assert result["abs_step"] == 2 and torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
+    assert result["abs_step"] == 1 and torch.isfinite(torch.tensor(result["metrics"]["train/loss"]))
     assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen), seen
     sd = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     convs = [v for k, v in sd.items() if k.startswith("net.encoder.") and k.endswith("weight") and v.ndim == 4
