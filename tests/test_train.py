@@ -125,7 +125,8 @@ def test_demo_full(tmp_path):
     mine, base = m["mean"], m["mean_baseline"]
     assert mine["age_mae"] <= 3.0, mine
     assert mine["id_cos"] >= base["id_cos"], (mine, base)
-    # the goal, 10 % below the base: measured 11.2 % (the previous demo, whole-image l2 at the seed's 0.1: 9.1 %, fails)
+    # the goal, 10 % below the base: measured 13.0 % (11.2 % on the world files shipped before; the demo before that,
+    # whole-image l2 at the seed's 0.1, 9.1 %: fails)
     assert mine["gt_l2"] <= 0.90 * base["gt_l2"], (mine["gt_l2"], base["gt_l2"])
 
 

@@ -74,8 +74,9 @@ class Plan:
     global_age_overrides: tuple[str, ...] = ()  # of experiment=world_global_age
 
 
-# 12 DEX and 4 identity epochs (the shipped files before had 20 and 6: held-out MAE 2.21 y, verification 0.991),
-# with both global-model runs (2000 + 600 steps), to fit the 60-minute goal on 2 cores (docs/BENCHMARKS.md)
+# 12 DEX and 4 identity epochs (the files shipped before had 20 and 6: held-out MAE 2.21 y, verification 0.991)
+# and both global-model runs (2000 + 600 steps): sized for 60 minutes on 2 cores from an 883 ms step (about 54
+# min); measured 71 min end to end on a day the step took 1.5 s (docs/BENCHMARKS.md, "pretrain end to end")
 FULL = Plan(n_ids=1000, photos=6, n_eval_ids=80, eval_photos=5, dex_epochs=12, id_epochs=4)
 QUICK = Plan(n_ids=60, photos=4, n_eval_ids=24, eval_photos=4, dex_epochs=6, id_epochs=3,
              global_overrides=QUICK_OVERRIDES, global_age_overrides=QUICK_AGE_OVERRIDES)
