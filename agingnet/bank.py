@@ -213,8 +213,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
                       actor_max_sim=args.actor_max_sim, progress=not args.quiet, device=device,
                       num_workers=args.workers)
     bank.meta["source"] = str(args.images)
-    bank.meta["nets_sha256"] = {k: file_sha256(p) for k, p in files.items()}  # what embedded it: a rebuilt
-    # network makes the bank stale (agingnet.world.run_setup.prepare_bank rebuilds on a mismatch)
+    # what embedded it (the files that exist): a rebuilt network makes the bank stale
+    # (agingnet.world.run_setup.prepare_bank rebuilds on a mismatch)
+    bank.meta["nets_sha256"] = {k: file_sha256(p) for k, p in files.items() if Path(p).is_file()}
     bank.save(args.out)
     print(format_summary(bank, args.out))
     return 0
