@@ -75,8 +75,8 @@ class Plan:
 
 
 # 12 DEX and 4 identity epochs (the files shipped before had 20 and 6: held-out MAE 2.21 y, verification 0.991)
-# and both global-model runs (2000 + 600 steps): sized for 60 minutes on 2 cores from an 883 ms step (about 54
-# min); measured 71 min end to end on a day the step took 1.5 s (docs/BENCHMARKS.md, "pretrain end to end")
+# and both global-model runs (1500 + 600 steps). With 2000 + 600 the chain took 71 min end to end on a day the
+# benchmark step took 1.5 s (docs/BENCHMARKS.md, "pretrain end to end"); 1500 fits 60 min even at that speed.
 FULL = Plan(n_ids=1000, photos=6, n_eval_ids=80, eval_photos=5, dex_epochs=12, id_epochs=4)
 QUICK = Plan(n_ids=60, photos=4, n_eval_ids=24, eval_photos=4, dex_epochs=6, id_epochs=3,
              global_overrides=QUICK_OVERRIDES, global_age_overrides=QUICK_AGE_OVERRIDES)
