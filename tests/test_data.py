@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from agingnet import world
 from agingnet.data import (
     AgingDataModule,
     FFHQFolderDataset,
@@ -289,6 +290,14 @@ def test_synthetic_deterministic_shapes_and_ages():
     assert not all(torch.equal(a[i]["image"], c[i]["image"]) for i in range(6))
     ages = SyntheticFaces(n=200, min_age=20, max_age=25).ages
     assert set(ages) == {20.0, 21.0, 22.0, 23.0, 24.0, 25.0}
+    # item (seed, index) is the stream's first draw as its age and second as its identity, rendered in photo
+    # (seed, index); written out here, independent of the dataset's helpers
+    rng = np.random.default_rng([3, 0, 4])
+    age, ident = int(rng.integers(10, 81)), int(rng.integers(0, 100000))
+    item = a[4]
+    assert item["age"] == age and item["world_identity"] == ident
+    truth = torch.from_numpy(world.render(ident, age, size=64, photo=(3, 4))).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.allclose(item["image"], truth, atol=1e-6)
 
 
 def test_synthetic_older_faces_are_greyer_and_more_wrinkled():

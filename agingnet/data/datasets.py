@@ -298,10 +298,16 @@ class SyntheticFaces(_FaceDataset):
         self.min_age, self.max_age = int(min_age), int(max_age)
         self.train, self.flip_p = bool(train), float(flip_p)
 
+    def _draw(self, index: int) -> tuple[float, int]:
+        """Item ``index``'s age in years (the stream's first draw) and world identity (its second)."""
+        rng = self._rng(index)
+        age = float(rng.integers(self.min_age, self.max_age + 1))
+        return age, int(rng.integers(0, world.ACTOR_BASE))
+
     def age(self, index: int) -> float:
-        """The age of item ``index`` in years: the stream's first draw. Drawn when asked, not listed at
-        construction: the global model's 200000-item population took 3.5 s to list, in every run."""
-        return float(self._rng(index).integers(self.min_age, self.max_age + 1))
+        """The age of item ``index`` in years. Drawn when asked, not listed at construction: the global model's
+        200000-item population took 3.5 s to list, in every run."""
+        return self._draw(index)[0]
 
     @property
     def ages(self) -> list[float]:
@@ -319,8 +325,10 @@ class SyntheticFaces(_FaceDataset):
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for SyntheticFaces(n={self.n})")
         index %= self.n
-        item = self._item(self.render(index), self.age(index), f"synthetic://{index}", index, flip)
-        item["world_identity"] = self.identity(index)  # what the ground-truth term renders at the target age
+        age, identity = self._draw(index)
+        image = world.render(identity, age, size=self.size, photo=(self.seed, index))
+        item = self._item(image, age, f"synthetic://{index}", index, flip)
+        item["world_identity"] = identity  # what the ground-truth term renders at the target age
         return item
 
     def fingerprint(self) -> str:
@@ -333,13 +341,12 @@ class SyntheticFaces(_FaceDataset):
 
     def identity(self, index: int) -> int:
         """The world identity of item ``index`` (a population identity, ``< 100000``)."""
-        rng = self._rng(index)
-        rng.integers(self.min_age, self.max_age + 1)  # the first draw is the age
-        return int(rng.integers(0, world.ACTOR_BASE))
+        return self._draw(index)[1]
 
     def render(self, index: int) -> np.ndarray:
         """Draw face ``index`` as uint8 ``[size, size, 3]`` (train flips are applied later)."""
-        return world.render(self.identity(index), self.age(index), size=self.size, photo=(self.seed, index))
+        age, identity = self._draw(index)
+        return world.render(identity, age, size=self.size, photo=(self.seed, index))
 
     def __repr__(self) -> str:
         return (
