@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from debug_tiny import check_debug_tiny_config
 from omegaconf import OmegaConf
-from test_experiments import check_debug_tiny_config
 
 from agingnet import report
 from agingnet.callbacks.resume import check_resume_compatible

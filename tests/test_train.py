@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from debug_tiny import check_debug_tiny_config
 
 from agingnet.config import compose_config
 from agingnet.train import train
@@ -16,9 +17,12 @@ from agingnet.train import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_few_steps_writes_checkpoint_and_tensorboard(tmp_path):
+def test_tiny_synthetic_few_steps_writes_checkpoint_and_tensorboard(tmp_path):
+    """Also test_experiments.py's checks of every experiment under debug=tiny, for experiment=tiny_synthetic."""
     out = tmp_path / "run"
-    cfg = compose_config(["experiment=tiny_synthetic", "trainer.max_steps=4", "val_interval=2"], output_dir=out)
+    cfg = compose_config(["experiment=tiny_synthetic", "debug=tiny", "trainer.max_steps=4", "val_interval=2"],
+                         output_dir=out)
+    check_debug_tiny_config(cfg)
     result = train(cfg)
     assert result["abs_step"] == 4
     assert (out / "checkpoints" / "last.ckpt").is_file()
@@ -125,8 +129,8 @@ def test_demo_full(tmp_path):
     mine, base = m["mean"], m["mean_baseline"]
     assert mine["age_mae"] <= 3.0, mine
     assert mine["id_cos"] >= base["id_cos"], (mine, base)
-    # the goal, 10 % below the base: measured 13.0 % (11.2 % on the world files shipped before; the demo before that,
-    # whole-image l2 at the seed's 0.1, 9.1 %: fails)
+    # the goal, 10 % below the base: measured 15.6 %, age MAE 2.76 (13.0 % and 11.2 % on the two world files shipped
+    # before; the demo before that, whole-image l2 at the seed's 0.1, 9.1 %: fails)
     assert mine["gt_l2"] <= 0.90 * base["gt_l2"], (mine["gt_l2"], base["gt_l2"])
 
 
@@ -172,13 +176,12 @@ def test_validation_leaves_training_rng_untouched(tmp_path):
 # the frozen-output cache (content keys, per-sample values) is tested in test_reliability.py
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("init_from=/nonexistent/base.pt", "init_from: no such checkpoint: /nonexistent/base.pt"),
-    ("paths.data_dir=/nonexistent/data", "/nonexistent/data/shot_train"),
-])
-def test_cli_bad_input_is_one_line(tmp_path, override, needle):
-    args = [sys.executable, "-m", "agingnet.train", "experiment=tiny_synthetic", "data=personal", override,
-            f"hydra.run.dir={tmp_path / 'run'}"]
+def test_cli_missing_data_folder_is_one_line(tmp_path):
+    """A bare environment (a minimal PATH, HOME in the test folder) and a data folder found missing at setup (after the
+    preflight; test_reliability.py's catalogue runs the preflight's refusals, a missing init_from among them)."""
+    needle = "/nonexistent/data/shot_train"
+    args = [sys.executable, "-m", "agingnet.train", "experiment=tiny_synthetic", "data=personal",
+            "paths.data_dir=/nonexistent/data", f"hydra.run.dir={tmp_path / 'run'}"]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=180,
                        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert r.returncode == 1
