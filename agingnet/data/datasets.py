@@ -325,8 +325,7 @@ class SyntheticFaces(_FaceDataset):
         if not -self.n <= index < self.n:
             raise IndexError(f"index {index} out of range for SyntheticFaces(n={self.n})")
         index %= self.n
-        age, identity = self._draw(index)
-        image = world.render(identity, age, size=self.size, photo=(self.seed, index))
+        image, age, identity = self._face(index)
         item = self._item(image, age, f"synthetic://{index}", index, flip)
         item["world_identity"] = identity  # what the ground-truth term renders at the target age
         return item
@@ -343,10 +342,14 @@ class SyntheticFaces(_FaceDataset):
         """The world identity of item ``index`` (a population identity, ``< 100000``)."""
         return self._draw(index)[1]
 
+    def _face(self, index: int) -> tuple[np.ndarray, float, int]:
+        """Face ``index`` drawn (uint8 ``[size, size, 3]``), with its age and world identity."""
+        age, identity = self._draw(index)
+        return world.render(identity, age, size=self.size, photo=(self.seed, index)), age, identity
+
     def render(self, index: int) -> np.ndarray:
         """Draw face ``index`` as uint8 ``[size, size, 3]`` (train flips are applied later)."""
-        age, identity = self._draw(index)
-        return world.render(identity, age, size=self.size, photo=(self.seed, index))
+        return self._face(index)[0]
 
     def __repr__(self) -> str:
         return (
