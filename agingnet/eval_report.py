@@ -13,7 +13,8 @@ from typing import Any
 from agingnet.viz import save_text
 
 COLUMNS = ("model", "target_age", "n", "age_mae", "age_pred_mean", "age_pred_std", "in_window", "id_cos",
-           "id_cos_std", "lpips", "fid", "kid_mean", "kid_std", "gt_l2", "gt_ssim")
+           "id_cos_std", "lpips", "fid", "kid_mean", "kid_std", "gt_l2", "gt_ssim",
+           "gt_blur")
 MEAN_COLUMNS = COLUMNS[3:]  # averaged over the target ages, per model
 
 
@@ -40,7 +41,7 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"`{m['data']}`: {m['n_images']} images, aging_strength={m['aging_strength']}, "
             f"strict_pose={m['strict_pose']}"
             + (f", baseline `{m['baseline']}`" if m.get("baseline") else "")
-            + (f"\n\nworld actor {m['world']['identity']}: gt_l2/gt_ssim against its rendered truth"
+            + (f"\n\nworld actor {m['world']['identity']}: gt_l2/gt_ssim/gt_blur against its rendered truth"
                if m.get("world") else "")
             + f"\n\nnetworks: IR-SE50 {m['nets']['arcface']}, "
             f"DEX {m['nets']['dex']}, LPIPS {m['nets']['lpips']}; FID/KID {m['fid']}\n\n"

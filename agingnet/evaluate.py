@@ -22,6 +22,9 @@ that identity at the target age (:func:`agingnet.world.render`, ``photo=None``),
 
 * ``gt_l2``    = mean over images of mean_pixels (y − T_t)² on [-1, 1] images (SAM's L2);
 * ``gt_ssim``  = mean over images of SSIM((y+1)/2, (T_t+1)/2) (torchmetrics, Gaussian 11 px, data range 1),
+* ``gt_blur``  = mean over images of the σ (px at the evaluation size) of the Gaussian blur of T_t closest to y
+  (:func:`agingnet.world.truth.blur_fit`, σ from 0 to 48): the detail the model reproduces, e.g. whether 2–4 px
+  wrinkle lines can show at all,
 
 and the world's DEX and identity networks are used unless ``world_nets=false``. ``baseline=<checkpoint>``
 (or ``baseline=world``, the shipped global model) evaluates a second model the same way: every row has a
@@ -56,7 +59,7 @@ from agingnet.eval_report import COLUMNS, MEAN_COLUMNS, format_markdown, write_r
 from agingnet.face_inputs import iter_batches, list_inputs, load_face, to_input
 from agingnet.infer import _age_list, age_batch, load_model, select_device, strength_arg
 from agingnet.losses.base import FrozenNets
-from agingnet.world.truth import photo_truth, truth_images, world_actor
+from agingnet.world.truth import blur_fit, photo_truth, truth_images, world_actor
 
 log = logging.getLogger("agingnet.evaluate")
 register_resolvers()
@@ -207,7 +210,7 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module | None, label: str, files: l
     in_size = _in_size(net, actor)
     skipped: list[dict[str, str]] = []
     kept: list[Path] = []
-    keys = ("pred", "cos", "lpips", "a_in") + (("gt_l2", "gt_ssim") if truth is not None else ())
+    keys = ("pred", "cos", "lpips", "a_in") + (("gt_l2", "gt_ssim", "gt_blur") if truth is not None else ())
     per_age: dict[str, list[Tensor]] = {k: [] for k in keys}
     fid_pending: list[tuple[Tensor, Tensor]] = []  # (inputs [B,…], outputs [A,B,…]) in [0,1], for FID/KID
 
@@ -230,6 +233,7 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module | None, label: str, files: l
                 per_age["gt_l2"].append((flat - t_flat).pow(2).mean(dim=(1, 2, 3)).view(a, b).cpu())
                 per_age["gt_ssim"].append(ssim((flat + 1) / 2, (t_flat + 1) / 2, data_range=1.0,
                                                reduction="none").view(a, b).cpu())
+                per_age["gt_blur"].append(torch.stack([blur_fit(y[k], truth[k:k + 1]) for k in range(a)]).cpu())
         per_age["pred"].append(pred.cpu())
         per_age["cos"].append(cos.cpu())
         per_age["lpips"].append(lp.cpu())
@@ -261,7 +265,8 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module | None, label: str, files: l
                      "in_window": float(inside[k]) if inside is not None else None, "id_cos": cm, "id_cos_std": cs,
                      "lpips": float(cat["lpips"][k].mean()), "fid": None, "kid_mean": None, "kid_std": None,
                      "gt_l2": float(cat["gt_l2"][k].mean()) if truth is not None else None,
-                     "gt_ssim": float(cat["gt_ssim"][k].mean()) if truth is not None else None})
+                     "gt_ssim": float(cat["gt_ssim"][k].mean()) if truth is not None else None,
+                     "gt_blur": float(cat["gt_blur"][k].mean()) if truth is not None else None})
         fid, kid, fid_status = make_fid(cfg, nets, len(kept), dim)
         if fid is None:
             continue

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from reference import blur_fit_reference
 
 from agingnet import evaluate as ev
 from agingnet.config import CONFIG_DIR, compose_config
@@ -22,6 +23,7 @@ from agingnet.models import build_aging_net, build_arcface, build_dex
 from agingnet.nn.aging_net import add_age_channel
 from agingnet.pretrained import export_checkpoint, load_aging_model
 from agingnet.viz import pil_to_tensor
+from agingnet.world.truth import BLUR_GRID
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +71,9 @@ def test_reports_have_a_row_per_age_and_match_a_hand_computation(setup, tmp_path
     assert [int(r["target_age"]) for r in rows] == [20, 60]
     for r in rows:
         assert int(r["n"]) == 3
-        assert r["model"] == "checkpoint" and r["gt_l2"] == r["gt_ssim"] == ""  # no world.json: no truth
+        assert r["model"] == "checkpoint" and r["gt_l2"] == r["gt_ssim"] == r["gt_blur"] == ""  # no world.json
         assert r["in_window"] == ""  # no window= given
-        for c in ev.MEAN_COLUMNS[:-2]:
+        for c in ev.MEAN_COLUMNS[:-3]:  # all but gt_l2, gt_ssim, gt_blur
             if c != "in_window":
                 assert math.isfinite(float(r[c])), c
     data = json.loads((out / "metrics.json").read_text())
@@ -228,16 +230,18 @@ def test_world_actor_rows_get_ground_truth_world_nets_and_a_baseline(setup, acto
             truth = torch.from_numpy(render(100_007, t, size=256)).permute(2, 0, 1).float() / 127.5 - 1
             l2 = [float(((y[i] - truth) ** 2).mean()) for i in range(len(files))]
             ss = [_ssim_reference((y[i] + 1) / 2, (truth + 1) / 2) for i in range(len(files))]
+            blur = blur_fit_reference(y, truth[None], BLUR_GRID)
             row = next(r for r in res["rows"] if r["model"] == label and r["target_age"] == t)
             assert row["gt_l2"] == pytest.approx(sum(l2) / len(l2), rel=1e-4)
             assert row["gt_ssim"] == pytest.approx(sum(ss) / len(ss), abs=1e-4)
+            assert row["gt_blur"] == pytest.approx(sum(blur) / len(blur))
     assert res["mean_baseline"]["gt_l2"] == pytest.approx(
         sum(r["gt_l2"] for r in res["rows"] if r["model"] == "baseline") / 2)
     assert res["rows"][0]["gt_l2"] != res["rows"][2]["gt_l2"]  # two different models were evaluated
     md = (tmp_path / "ev" / "metrics.md").read_text()
     assert "| baseline | mean | 2 |" in md and "world actor 100007" in md
     header = next(csv.reader(open(tmp_path / "ev" / "metrics.csv")))
-    assert header[0] == "model" and header[-2:] == ["gt_l2", "gt_ssim"]
+    assert header[0] == "model" and header[-3:] == ["gt_l2", "gt_ssim", "gt_blur"]
 
 
 def test_world_bad_input_is_one_clear_error(setup, actor, tmp_path):
@@ -279,6 +283,8 @@ def test_truth_rows_score_the_actors_true_face_in_each_photos_light(setup, tmp_p
     assert old["age_mae"] == pytest.approx(float((ages - 70).abs().mean()), abs=1e-3)
     assert old["in_window"] == float(((ages >= 44) & (ages <= 46)).float().mean())
     assert old["gt_l2"] == pytest.approx(float(((photos - canonical) ** 2).mean()), rel=1e-4)
+    blur = blur_fit_reference(photos, canonical[None], BLUR_GRID)  # the photos' shift (≤ 3 px) reads as a small blur
+    assert old["gt_blur"] == pytest.approx(sum(blur) / len(blur)) and old["gt_blur"] <= 4.0
     assert res["mean_truth"]["lpips"] == pytest.approx((own["lpips"] + old["lpips"]) / 2)
     assert res["meta"]["truth"] is True and "| truth | mean | 2 |" in (tmp_path / "ev" / "metrics.md").read_text()
 
