@@ -59,10 +59,10 @@ def _check_images(images: Tensor) -> None:
 
 
 def _as_uint8(images: Tensor) -> np.ndarray:
-    """[B,3,H,W] in [-1,1] → [B,H,W,3] uint8 via round((x + 1)·127.5)."""
+    """[B,3,H,W] in [-1,1] → C-contiguous [B,H,W,3] uint8 via round((x + 1)·127.5)."""
     _check_images(images)
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).cpu().numpy())
 
 
 class LandmarkDetector:
@@ -123,6 +123,11 @@ class DlibLandmarks(LandmarkDetector):
         self._predictor = dlib.shape_predictor(model_path)
 
     def _detect_array(self, rgb: np.ndarray) -> np.ndarray | None:
+        # dlib's Python binding copies a non-contiguous array to a temporary and then reads that temporary after
+        # freeing it (valgrind: "Invalid read … inside a block … free'd"): detections then depend on whatever
+        # reuses the memory, and a training run's ROI landmark failures differed between identical runs. A
+        # C-contiguous array is read in place.
+        rgb = np.ascontiguousarray(rgb)
         rects, scores, _ = self._detector.run(rgb, self.upsample, 0.0)
         if len(rects) == 0:
             return None

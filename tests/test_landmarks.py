@@ -116,6 +116,41 @@ def test_dlib_on_astronaut():
     assert lm[48, 0] < ASTRO_MOUTH[0] < lm[54, 0] and lm[30, 1] < lm[57, 1] < lm[8, 1]
 
 
+_PERTURBED_DETECT = """
+import json, sys
+import numpy as np, torch
+from PIL import Image
+from skimage import data
+from agingnet.landmarks import build_landmarks
+img = torch.from_numpy(np.array(Image.fromarray(data.astronaut()).resize((256, 256)))).permute(2, 0, 1)
+batch = (img.float() / 127.5 - 1).unsqueeze(0).repeat(2, 1, 1, 1).contiguous()  # NCHW, as a training batch
+pts, valid = build_landmarks("dlib")(batch)
+print(json.dumps({"valid": valid.tolist(), "points": pts.tolist()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MALLOC_PERTURB_ is glibc's")
+def test_dlib_batch_detection_does_not_read_freed_memory(tmp_path):
+    """dlib's binding frees the contiguous copy it makes of a strided array before reading it; glibc's
+    MALLOC_PERTURB_ overwrites freed memory, so reading it there loses every face (this made a training run's ROI
+    landmark failures differ between two identical runs). The batch path must hand dlib arrays it reads in place."""
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("dlib")
+    pytest.importorskip("skimage.data")
+    want = build_landmarks("dlib").detect_pil(astronaut_pil().resize((256, 256)))
+    assert want is not None
+    env = {**os.environ, "MALLOC_PERTURB_": "165"}
+    r = subprocess.run([sys.executable, "-c", _PERTURBED_DETECT], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["valid"] == [True, True]
+    assert np.abs(np.asarray(got["points"]) - want[None]).max() <= 1.0
+
+
 def test_fan_wrapper_with_stub(monkeypatch, tmp_path):
     """Weights present under $TORCH_HOME/hub/checkpoints (stub files) → no download, largest face kept."""
     fa = pytest.importorskip("face_alignment")

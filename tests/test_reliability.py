@@ -177,14 +177,10 @@ def _first_param_difference(a: dict, b: dict) -> str | None:
     return next((k for k, v in a["state_dict"].items() if not torch.equal(v, b["state_dict"][k])), None)
 
 
-def test_resume_after_crash_equals_uninterrupted_run(runs, tmp_path):
+def test_resume_after_crash_equals_uninterrupted_run(runs):
     """Resume in the crashed run's own folder: parameters, EMA shadow, optimizer state bit-exact; metrics.jsonl
-    (without wall time) and timestamp.txt (without the resume header) equal the uninterrupted run's.
-
-    Two uninterrupted runs in one process have been seen to differ in the last bits (once in CI, in the default
-    suite's order; never alone): when the parameters differ, a second uninterrupted run decides. If it differs from
-    the first as well, the difference is that numerical noise and not the resume, and the test skips saying so;
-    if it equals the first, the resume is wrong and the test fails."""
+    (without wall time) and timestamp.txt (without the resume header) equal the uninterrupted run's. (Two
+    uninterrupted runs once differed here: dlib read freed memory and lost faces at random; see test_landmarks.)"""
     full, crashed = runs["full"], runs["crashed"]
     ck = crashed / "checkpoints"
     (ck / ".best_model.pt.x1y2.tmp").write_bytes(b"")  # what a kill -9 during a write leaves behind
@@ -195,12 +191,6 @@ def test_resume_after_crash_equals_uninterrupted_run(runs, tmp_path):
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()
     diff = _first_param_difference(a, b)
-    if diff is not None:
-        train(compose_config(TINY, output_dir=tmp_path / "full2"))
-        noise = _first_param_difference(a, lightning_state(tmp_path / "full2" / "checkpoints" / "last.ckpt"))
-        if noise is not None:
-            pytest.skip(f"two uninterrupted runs in this process differ ({noise}): numerical noise, so the resume's "
-                        f"difference ({diff}) says nothing")
     assert diff is None, diff
     ema = [k for k in a["callbacks"] if k.startswith("EMACallback")][0]
     for name, sd in a["callbacks"][ema]["shadow"].items():
