@@ -13,8 +13,7 @@ from typing import Any
 from agingnet.viz import save_text
 
 COLUMNS = ("model", "target_age", "n", "age_mae", "age_pred_mean", "age_pred_std", "in_window", "id_cos",
-           "id_cos_std", "lpips", "fid", "kid_mean", "kid_std", "gt_l2", "gt_ssim",
-           "gt_blur")
+           "id_cos_std", "lpips", "fid", "kid_mean", "kid_std", "gt_l2", "gt_ssim", "gt_blur")
 MEAN_COLUMNS = COLUMNS[3:]  # averaged over the target ages, per model
 
 

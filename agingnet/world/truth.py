@@ -63,7 +63,6 @@ def blur_fit(y: Tensor, truth: Tensor, grid: Sequence[float] = BLUR_GRID) -> Ten
     all. How much detail a model reproduces: a line of width w survives G_σ with about w / (σ √(2π)) of its
     contrast, so wrinkles drawn 2–4 px wide need a small σ. Kornia's blur (kernel 2⌈3σ⌉+1, replicated border),
     one per σ of the truth."""
-
     from kornia.filters import gaussian_blur2d
 
     if not (y.ndim == 4 and y.shape[1] == 3 and truth.ndim == 4 and truth.shape[1:] == y.shape[1:]
