@@ -23,8 +23,8 @@ that identity at the target age (:func:`agingnet.world.render`, ``photo=None``),
 * ``gt_l2``    = mean over images of mean_pixels (y − T_t)² on [-1, 1] images (SAM's L2);
 * ``gt_ssim``  = mean over images of SSIM((y+1)/2, (T_t+1)/2) (torchmetrics, Gaussian 11 px, data range 1),
 * ``gt_blur``  = mean over images of the σ (px at the evaluation size) of the Gaussian blur of T_t closest to y
-  (:func:`agingnet.world.truth.blur_fit`, σ from 0 to 48): the detail the model reproduces, e.g. whether 2–4 px
-  wrinkle lines can show at all,
+  (:func:`agingnet.world.truth.blur_fit`, σ from 0 to 48; T_t's blurs computed once): the detail the model
+  reproduces, e.g. whether 2–4 px wrinkle lines can show at all,
 
 and the world's DEX and identity networks are used unless ``world_nets=false``. ``baseline=<checkpoint>``
 (or ``baseline=world``, the shipped global model) evaluates a second model the same way: every row has a
@@ -59,7 +59,7 @@ from agingnet.eval_report import COLUMNS, MEAN_COLUMNS, format_markdown, write_r
 from agingnet.face_inputs import iter_batches, list_inputs, load_face, to_input
 from agingnet.infer import _age_list, age_batch, load_model, select_device, strength_arg
 from agingnet.losses.base import FrozenNets
-from agingnet.world.truth import blur_fit, photo_truth, truth_images, world_actor
+from agingnet.world.truth import blur_fit, blur_stack, photo_truth, truth_images, world_actor
 
 log = logging.getLogger("agingnet.evaluate")
 register_resolvers()
@@ -213,6 +213,7 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module | None, label: str, files: l
     keys = ("pred", "cos", "lpips", "a_in") + (("gt_l2", "gt_ssim", "gt_blur") if truth is not None else ())
     per_age: dict[str, list[Tensor]] = {k: [] for k in keys}
     fid_pending: list[tuple[Tensor, Tensor]] = []  # (inputs [B,…], outputs [A,B,…]) in [0,1], for FID/KID
+    truth_blurs = blur_stack(truth) if truth is not None else None  # [G,A,3,S,S]: the same for every batch
 
     def flush(batch: list[tuple[Path, Tensor]]) -> None:
         x = torch.stack([t for _, t in batch]).to(device)
@@ -233,7 +234,8 @@ def _evaluate_model(cfg: DictConfig, net: nn.Module | None, label: str, files: l
                 per_age["gt_l2"].append((flat - t_flat).pow(2).mean(dim=(1, 2, 3)).view(a, b).cpu())
                 per_age["gt_ssim"].append(ssim((flat + 1) / 2, (t_flat + 1) / 2, data_range=1.0,
                                                reduction="none").view(a, b).cpu())
-                per_age["gt_blur"].append(torch.stack([blur_fit(y[k], truth[k:k + 1]) for k in range(a)]).cpu())
+                fits = [blur_fit(y[k], truth_blurs[:, k:k + 1]) for k in range(a)]  # a loop over ages, not images
+                per_age["gt_blur"].append(torch.stack(fits).cpu())
         per_age["pred"].append(pred.cpu())
         per_age["cos"].append(cos.cpu())
         per_age["lpips"].append(lp.cpu())

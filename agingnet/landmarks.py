@@ -59,10 +59,10 @@ def _check_images(images: Tensor) -> None:
 
 
 def _as_uint8(images: Tensor) -> np.ndarray:
-    """[B,3,H,W] in [-1,1] → C-contiguous [B,H,W,3] uint8 via round((x + 1)·127.5)."""
+    """[B,3,H,W] in [-1,1] → [B,H,W,3] uint8 via round((x + 1)·127.5) (a strided view of a [B,3,H,W] batch)."""
     _check_images(images)
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).cpu().numpy())
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 class LandmarkDetector:

@@ -42,4 +42,3 @@ def blur_fit_reference(y: torch.Tensor, truth: torch.Tensor, grid) -> list[float
         errs = [float((y[n].double() - gauss_blur_reference(t, s)).pow(2).mean()) for s in grid]
         best.append(float(grid[errs.index(min(errs))]))
     return best
-

@@ -181,20 +181,24 @@ def test_batch_truth_renders_each_sample_and_mirrors_the_flipped_ones():
 
 
 def test_blur_fit_finds_the_blur_of_the_truth_an_output_carries():
-    from agingnet.world.truth import BLUR_GRID, batch_truth, blur_fit
+    from agingnet.world.truth import BLUR_GRID, batch_truth, blur_fit, blur_stack
 
     truth = batch_truth(torch.tensor([5, 9]), torch.tensor([False, False]), torch.tensor([35.0, 70.0]), 64)
+    stack = blur_stack(truth)
+    assert stack.shape == (len(BLUR_GRID), 2, 3, 64, 64) and torch.equal(stack[0], truth)
     y = torch.stack([gauss_blur_reference(truth[0], 6.0), truth[1].double()]).float()
-    assert blur_fit(y, truth).tolist() == [6.0, 0.0]
-    assert blur_fit(gauss_blur_reference(truth[1], 1.0)[None].float(), truth[1:]).tolist() == [1.0]
+    assert blur_fit(y, stack).tolist() == [6.0, 0.0]
+    assert blur_fit(gauss_blur_reference(truth[1], 1.0)[None].float(), stack[:, 1:]).tolist() == [1.0]
     torch.manual_seed(0)
     noisy = y + 0.2 * torch.randn_like(y)  # grain the blur cannot explain moves nothing far
-    assert blur_fit(noisy, truth).tolist() == blur_fit_reference(noisy, truth, BLUR_GRID)
+    assert blur_fit(noisy, stack).tolist() == blur_fit_reference(noisy, truth, BLUR_GRID)
     between = torch.stack([gauss_blur_reference(truth[0], 5.0), gauss_blur_reference(truth[1], 20.0)]).float()
-    assert blur_fit(between, truth).tolist() == blur_fit_reference(between, truth, BLUR_GRID)
-    assert blur_fit(between, truth).tolist() in ([4.0, 16.0], [4.0, 24.0], [6.0, 16.0], [6.0, 24.0])
-    assert blur_fit(y[:1].expand(3, -1, -1, -1), truth[:1]).tolist() == [6.0] * 3  # one truth for all
-    with pytest.raises(ValueError, match=r"blur_fit: y must be \[N,3,S,S\] and truth"):
-        blur_fit(y, truth[:, :, :32])
-    with pytest.raises(ValueError, match=r"blur_fit: grid must be non-empty sigmas >= 0"):
-        blur_fit(y, truth, grid=(1.0, -2.0))
+    assert blur_fit(between, stack).tolist() == blur_fit_reference(between, truth, BLUR_GRID)
+    assert blur_fit(between, stack).tolist() in ([4.0, 16.0], [4.0, 24.0], [6.0, 16.0], [6.0, 24.0])
+    assert blur_fit(y[:1].expand(3, -1, -1, -1), stack[:, :1]).tolist() == [6.0] * 3  # one truth for all
+    with pytest.raises(ValueError, match=r"blur_fit: y must be \[N,3,S,S\] and the blurred truths"):
+        blur_fit(y, stack[:, :, :, :32])
+    with pytest.raises(ValueError, match=r"blur_stack: grid must be non-empty sigmas >= 0"):
+        blur_stack(truth, grid=(1.0, -2.0))
+    with pytest.raises(ValueError, match=r"blur_stack: truth must be \[N,3,S,S\]"):
+        blur_stack(truth[0])

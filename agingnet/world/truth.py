@@ -57,26 +57,34 @@ def batch_truth(identities: Tensor, flipped: Tensor, ages: Tensor, size: int) ->
 BLUR_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0)  # px; 0 = the truth itself
 
 
-def blur_fit(y: Tensor, truth: Tensor, grid: Sequence[float] = BLUR_GRID) -> Tensor:
-    """[N] the σ of ``grid`` (pixels at the images' size) whose Gaussian blur of the truth is closest to the
-    output: argmin_σ mean_pixels (y_n − G_σ * T_n)², ``y`` [N,3,S,S], ``truth`` [N,3,S,S] or one [1,3,S,S] for
-    all. How much detail a model reproduces: a line of width w survives G_σ with about w / (σ √(2π)) of its
-    contrast, so wrinkles drawn 2–4 px wide need a small σ. Kornia's blur (kernel 2⌈3σ⌉+1, replicated border),
-    one per σ of the truth."""
+def blur_stack(truth: Tensor, grid: Sequence[float] = BLUR_GRID) -> Tensor:
+    """[G,N,3,S,S]: ``truth`` [N,3,S,S] blurred by a Gaussian of each σ of ``grid`` (pixels; 0 = unchanged).
+    Kornia's blur (kernel 2⌈3σ⌉+1, replicated border). Computed once for a fixed truth, then matched against
+    every batch of outputs by :func:`blur_fit`."""
     from kornia.filters import gaussian_blur2d
 
-    if not (y.ndim == 4 and y.shape[1] == 3 and truth.ndim == 4 and truth.shape[1:] == y.shape[1:]
-            and truth.shape[0] in (1, y.shape[0])):
-        raise ValueError(f"blur_fit: y must be [N,3,S,S] and truth [N,3,S,S] or [1,3,S,S], got {tuple(y.shape)} and "
-                         f"{tuple(truth.shape)}")
+    if not (truth.ndim == 4 and truth.shape[1] == 3):
+        raise ValueError(f"blur_stack: truth must be [N,3,S,S], got {tuple(truth.shape)}")
     if not grid or any(float(s) < 0 for s in grid):
-        raise ValueError(f"blur_fit: grid must be non-empty sigmas >= 0, got {list(grid)}")
-    err = []
-    for s in grid:
-        k = 2 * int(np.ceil(3 * float(s))) + 1
-        b = truth if s == 0 else gaussian_blur2d(truth, (k, k), (float(s), float(s)), border_type="replicate")
-        err.append((y - b).pow(2).mean(dim=(1, 2, 3)))
-    return torch.tensor([float(s) for s in grid], device=y.device)[torch.stack(err, 1).argmin(1)]
+        raise ValueError(f"blur_stack: grid must be non-empty sigmas >= 0, got {list(grid)}")
+    out = []
+    for s in map(float, grid):
+        k = 2 * int(np.ceil(3 * s)) + 1
+        out.append(truth if s == 0 else gaussian_blur2d(truth, (k, k), (s, s), border_type="replicate"))
+    return torch.stack(out)
+
+
+def blur_fit(y: Tensor, stack: Tensor, grid: Sequence[float] = BLUR_GRID) -> Tensor:
+    """[N] the σ of ``grid`` whose blur of the truth (``stack`` = :func:`blur_stack` of it, [G,N,3,S,S] or
+    [G,1,3,S,S] for one truth for all) is closest to the output ``y`` [N,3,S,S]: argmin_σ mean_pixels
+    (y_n − G_σ * T_n)². How much detail a model reproduces: a line of width w survives G_σ with about
+    w / (σ √(2π)) of its contrast, so wrinkles drawn 2–4 px wide need a small σ."""
+    if not (y.ndim == 4 and y.shape[1] == 3 and stack.ndim == 5 and stack.shape[0] == len(grid)
+            and stack.shape[2:] == y.shape[1:] and stack.shape[1] in (1, y.shape[0])):
+        raise ValueError(f"blur_fit: y must be [N,3,S,S] and the blurred truths [G,N,3,S,S] or [G,1,3,S,S] with "
+                         f"G = {len(grid)} sigmas, got {tuple(y.shape)} and {tuple(stack.shape)}")
+    err = (y.unsqueeze(0) - stack).pow(2).mean(dim=(2, 3, 4))  # [G,N]
+    return torch.tensor([float(s) for s in grid], device=y.device)[err.argmin(0)]
 
 
 def photo_index(actor: dict[str, Any], path: str | os.PathLike) -> int:
@@ -101,4 +109,5 @@ def photo_truth(actor: dict[str, Any], paths: Sequence[str | os.PathLike], ages:
     return from_uint8(imgs)
 
 
-__all__ = ["BLUR_GRID", "batch_truth", "blur_fit", "photo_index", "photo_truth", "truth_images", "world_actor"]
+__all__ = ["BLUR_GRID", "batch_truth", "blur_fit", "blur_stack", "photo_index", "photo_truth", "truth_images",
+           "world_actor"]
